@@ -1,0 +1,3 @@
+from qplan.cli import main
+
+main()

@@ -1,0 +1,285 @@
+"""qplan's library API: what the CLI (and the runner, and users' scripts) call.
+
+Everything returns typed data; domain errors are raised, never printed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from qplan.errors import BadInputError, DoesNotFitError
+from qplan.planner.config import TrainConfig
+from qplan.planner.memory import MemoryEstimate, estimate_memory
+from qplan.planner.plan import Plan
+from qplan.planner.search import evaluate, search, usable_bytes
+from qplan.planner.speed import SpeedEstimate, estimate_speed
+from qplan.profiles.gpus import GIB, GpuProfile, custom_gpu
+from qplan.profiles.models import ModelProfile
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*$", re.I)
+
+
+@lru_cache(maxsize=1)
+def _default_catalog():
+    from qplan.catalog import build_catalog
+
+    return build_catalog()
+
+
+def catalog(pm=None):
+    """The catalogue built from the loaded plugins (cached for the default manager)."""
+    if pm is None:
+        return _default_catalog()
+    from qplan.catalog import build_catalog
+
+    return build_catalog(pm)
+
+
+def get_model(name: str, *, pm=None) -> ModelProfile:
+    """A catalogue name or alias, a local model directory or config.json, or a hub id."""
+    from qplan.profiles.resolve import resolve_model
+
+    return resolve_model(name, catalog(pm).models)
+
+
+def get_gpu(name: str, *, pm=None) -> GpuProfile:
+    """A catalogue GPU name or alias, or a memory size (``8GB``, ``8``, ``24GiB``)."""
+    m = _SIZE.match(str(name))
+    if m:
+        gib = float(m.group(1))
+        if not 0 < gib <= 4096:
+            raise BadInputError(f"GPU memory {name!r} is out of range; give GiB like 8, 24GB")
+        return custom_gpu(gib)
+    return catalog(pm).gpus.get(name)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """``qplan estimate``'s answer: memory and speed of one configuration."""
+
+    model: ModelProfile
+    gpu: GpuProfile
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak_bytes <= self.memory.capacity_bytes
+
+
+def _adjust_for(model: ModelProfile, pm=None):
+    """The plugins' ``adjust_memory`` hook as a callable for the memory model (or None)."""
+    from qplan.plugins.manager import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    if not pm.hook.adjust_memory.get_hookimpls():
+        return None
+
+    def adjust(terms, cfg) -> bool:
+        return any(pm.hook.adjust_memory(model=model, config=cfg, terms=terms))
+    return adjust
+
+
+def estimate(model: ModelProfile, gpu: GpuProfile, config: TrainConfig, *,
+             capacity_bytes: int | None = None, pm=None) -> Estimate:
+    """Evaluate one fully specified configuration on ``gpu``."""
+    if config.seq_len > model.max_position_embeddings:
+        raise BadInputError(
+            f"sequence length {config.seq_len} is longer than {model.name}'s context "
+            f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
+    mem = estimate_memory(model, config, gpu, capacity_bytes=capacity_bytes,
+                          adjust=_adjust_for(model, pm))
+    return Estimate(model, gpu, mem, estimate_speed(model, config, gpu))
+
+
+def _env_for(cfg: TrainConfig) -> dict[str, str]:
+    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if cfg.expandable_segments else {}
+
+
+def _reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, target: int) -> tuple[str, ...]:
+    r = [
+        f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
+        f"{cfg.effective_batch} (target {target})",
+        f"{cfg.compute_dtype}: " + ("compute capability >= 8.0" if cfg.compute_dtype == "bf16"
+                                    else f"{gpu.name} (cc {gpu.cc_str}) has no bf16"),
+        f"attention {cfg.attn}: " + ("flash-attn importable and cc >= 8.0" if cfg.attn ==
+                                     "flash_attention_2" else "PyTorch SDPA (flash-attn not used)"),
+        "gradient checkpointing " + ("on: activations would not fit otherwise" if cfg.grad_ckpt
+                                     else "off: it fits without, and steps are ~30% faster"),
+        f"loss {cfg.loss}: " + ("chunked, never materializes float32 logits" if cfg.loss == "fused"
+                                else "standard cross-entropy fits"),
+        f"prepare {cfg.prepare}: " + ("embeddings/lm_head stay 16-bit (faster, smaller)"
+                                      if cfg.prepare == "lean" else "peft prepare_model_for_kbit_training"),
+        f"optimizer {cfg.optim}",
+    ]
+    if cfg.offload_activations:
+        r.append("activation offloading: checkpointed block inputs kept in pinned CPU memory")
+    return tuple(r)
+
+
+def make_plan(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *, target: int,
+              model_ref: str | None = None, capacity_bytes: int | None = None, pm=None) -> Plan:
+    est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm)
+    return Plan(model=model_ref or model.name, gpu=gpu.name, config=cfg,
+                target_effective_batch=target, device_map={"": 0}, env=_env_for(cfg),
+                reasons=_reasons(model, gpu, cfg, target), memory=est.memory, speed=est.speed)
+
+
+def _policies(pm=None):
+    from qplan.plugins.manager import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+
+    def policy(model, gpu, cfg):
+        for res in pm.hook.plan_policy(model=model, gpu=gpu, config=cfg):
+            if res is False:
+                return None
+            if isinstance(res, TrainConfig):
+                cfg = res
+        return cfg
+    return [policy]
+
+
+def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
+            target_effective_batch: int = 16, fixed: dict[str, Any] | None = None,
+            flash_attn_available: bool = False, liger_available: bool = True,
+            host_ram_bytes: int | None = None, capacity_bytes: int | None = None,
+            model_ref: str | None = None, pm=None) -> Plan:
+    """The fastest plan that fits ``gpu``; :class:`DoesNotFitError` with alternatives if none."""
+    if seq_len > model.max_position_embeddings:
+        raise BadInputError(
+            f"sequence length {seq_len} is longer than {model.name}'s context "
+            f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
+    best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
+                        fixed=fixed, flash_attn_available=flash_attn_available,
+                        liger_available=liger_available, host_ram_bytes=host_ram_bytes,
+                        capacity_bytes=capacity_bytes, policies=_policies(pm),
+                        adjust=_adjust_for(model, pm))
+    if best is None:
+        smallest = min(seen, key=lambda c: c.memory.peak_bytes) if seen else None
+        alts = alternatives(model, gpu, seq_len=seq_len, target=target_effective_batch,
+                            fixed=fixed, capacity_bytes=capacity_bytes, pm=pm)
+        msg = f"nothing fits {model.name} at {seq_len} tokens on {gpu.name}"
+        if smallest is not None:
+            lim = usable_bytes(gpu, capacity_bytes) / GIB
+            big = smallest.memory.largest()
+            msg += (f": the smallest configuration needs {smallest.memory.peak_gib:.1f} GiB of "
+                    f"{lim:.1f} GiB usable; its largest term is {big.label} "
+                    f"({big.gib:.1f} GiB)")
+        raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
+                              alternatives=alts)
+    return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
+                     capacity_bytes=capacity_bytes, pm=pm)
+
+
+def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_batch: int = 16,
+                     fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
+                     flash_attn_available: bool = False, host_ram_bytes: int | None = None,
+                     step: int = 256, pm=None) -> Plan:
+    """The plan with the longest sequence that fits (``qplan suggest --longest``)."""
+    fixed = dict(fixed or {})
+    fixed.setdefault("batch_size", 1)
+
+    def fits(s: int) -> Plan | None:
+        try:
+            return suggest(model, gpu, seq_len=s, target_effective_batch=target_effective_batch,
+                           fixed=fixed, capacity_bytes=capacity_bytes,
+                           flash_attn_available=flash_attn_available,
+                           host_ram_bytes=host_ram_bytes, pm=pm)
+        except DoesNotFitError:
+            return None
+
+    lo, hi = 0, model.max_position_embeddings // step
+    best = None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = fits(mid * step)
+        if p is not None:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    if best is None:
+        return suggest(model, gpu, seq_len=step, target_effective_batch=target_effective_batch,
+                       fixed=fixed, capacity_bytes=capacity_bytes, pm=pm)
+    return best
+
+
+def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: int,
+                 fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
+                 pm=None) -> list[str]:
+    """Nearest plans that do fit: a shorter sequence, a smaller model, a bigger card."""
+    out: list[str] = []
+    s = seq_len // 2
+    while s >= 128:
+        try:
+            p = suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,
+                        capacity_bytes=capacity_bytes, pm=pm)
+            out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
+            break
+        except DoesNotFitError:
+            s //= 2
+    cat = catalog(pm)
+    smaller = sorted((m for m in cat.models if not m.is_moe and m.total_params < model.total_params
+                      and m.family == model.family), key=lambda m: -m.total_params)
+    for m in smaller[:3]:
+        try:
+            p = suggest(m, gpu, seq_len=min(seq_len, m.max_position_embeddings),
+                        target_effective_batch=target, capacity_bytes=capacity_bytes, pm=pm)
+            out.append(f"smaller model: --model {m.name} fits ({p.peak_gib:.1f} GiB)")
+            break
+        except DoesNotFitError:
+            continue
+    bigger = sorted((g for g in cat.gpus if g.memory_gib > gpu.memory_gib), key=lambda g: g.memory_gib)
+    for g in bigger:
+        try:
+            p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed, pm=pm)
+            out.append(f"bigger card: --gpu {g.name} ({g.memory_gib:g} GiB) fits ({p.peak_gib:.1f} GiB)")
+            break
+        except DoesNotFitError:
+            continue
+    return out
+
+
+# The order in which the runner makes a plan safer after an out-of-memory error.
+SAFER_STEPS = ("halve_batch", "grad_ckpt", "paged_optimizer", "fused_loss", "lean_prepare",
+               "expandable_segments", "offload_activations", "shorter_seq")
+
+
+def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
+                      ) -> tuple[TrainConfig, str] | None:
+    """The next configuration to try after an OOM with ``cfg``, and what changed and why.
+
+    A smaller per-device batch keeps the effective batch exactly (accumulation doubles);
+    then checkpointing, a paged optimizer, a fused loss, lean preparation, expandable
+    segments, activation offloading; a shorter sequence only if allowed. None when nothing
+    is left to try.
+    """
+    if cfg.batch_size > 1 and cfg.batch_size % 2 == 0:
+        b = cfg.batch_size // 2
+        return (cfg.with_(batch_size=b, grad_accum=cfg.grad_accum * 2),
+                f"per-device batch {cfg.batch_size} -> {b}, accumulation {cfg.grad_accum} -> "
+                f"{cfg.grad_accum * 2} (effective batch stays {cfg.effective_batch})")
+    if cfg.batch_size > 1:  # odd batch: go to 1 only if the effective batch is kept
+        eff = cfg.effective_batch
+        return (cfg.with_(batch_size=1, grad_accum=eff),
+                f"per-device batch {cfg.batch_size} -> 1, accumulation -> {eff} "
+                f"(effective batch stays {eff})")
+    if not cfg.grad_ckpt:
+        return cfg.with_(grad_ckpt=True), "gradient checkpointing on: keep only block inputs"
+    if cfg.optim != "paged_adamw_8bit":
+        return cfg.with_(optim="paged_adamw_8bit"), f"optimizer {cfg.optim} -> paged_adamw_8bit"
+    if cfg.loss != "fused":
+        return cfg.with_(loss="fused"), "fused loss: never materialize float32 logits"
+    if cfg.prepare != "lean":
+        return cfg.with_(prepare="lean"), "lean preparation: keep embeddings and lm_head 16-bit"
+    if not cfg.expandable_segments:
+        return cfg.with_(expandable_segments=True), "allocator expandable_segments: less fragmentation"
+    if not cfg.offload_activations:
+        return cfg.with_(offload_activations=True), "offload checkpointed activations to CPU"
+    if allow_shorter_seq and cfg.seq_len > 256:
+        s = max(256, cfg.seq_len // 2)
+        return cfg.with_(seq_len=s), f"sequence {cfg.seq_len} -> {s} (allowed by --allow-shorter-seq)"
+    return None

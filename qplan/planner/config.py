@@ -1,0 +1,102 @@
+"""The knobs of one QLoRA / LoRA training configuration, as one typed dataclass.
+
+Every field is a setting the runner applies and the memory model accounts for.
+Validation collects every problem and reports them together.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from qplan.errors import BadInputError, ConfigError
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+PREPARE_MODES = ("kbit", "lean")
+LOSS_MODES = ("standard", "fused")
+ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
+QUANT_TYPES = ("nf4", "fp4", "none")  # none = plain LoRA on 16-bit weights
+DTYPES = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fully specified training configuration (what ``qplan estimate`` evaluates).
+
+    ``batch_size`` is per device; ``grad_accum`` multiplies it to the effective batch.
+    ``lora_targets`` holds canonical names (``q``, ``k``, ... or ``qkv`` for Phi-3);
+    ``None`` means every linear layer in the blocks.
+    """
+
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+    grad_ckpt: bool = True
+    optim: str = "paged_adamw_8bit"
+    prepare: str = "lean"
+    loss: str = "standard"
+    attn: str = "sdpa"
+    quant: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    expandable_segments: bool = True
+    offload_activations: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, (list, str)):
+            t = self.lora_targets
+            t = tuple(x.strip() for x in t.split(",")) if isinstance(t, str) else tuple(t)
+            object.__setattr__(self, "lora_targets", t)
+        problems = self.problems()
+        if problems:
+            raise BadInputError("invalid settings: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, each with what is allowed."""
+        p = []
+        for f, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 1)):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < lo:
+                p.append(f"{f} must be an integer >= {lo} (got {v!r})")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            p.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})")
+        for f, allowed in (("optim", OPTIMIZERS), ("prepare", PREPARE_MODES),
+                           ("loss", LOSS_MODES), ("attn", ATTN_IMPLS),
+                           ("quant", QUANT_TYPES), ("compute_dtype", DTYPES)):
+            v = getattr(self, f)
+            if v not in allowed:
+                p.append(f"{f} {v!r} is not one of {', '.join(allowed)}")
+        return p
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step (all micro-batches)."""
+        return self.seq_len * self.effective_batch
+
+    def with_(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        if d.get("lora_targets") is not None:
+            d["lora_targets"] = tuple(d["lora_targets"]) if not isinstance(
+                d["lora_targets"], str) else d["lora_targets"]
+        return cls(**d)

@@ -1,0 +1,139 @@
+"""Plan search: the fastest configuration that fits, and the next safer one after an OOM.
+
+The search is exhaustive over a small grid (per-device batch, checkpointing, loss,
+preparation, activation offload), each candidate scored by the speed model and kept only
+if the memory model says it fits with a margin. A few hundred candidates: milliseconds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from qplan.errors import DoesNotFitError, NotModelledError
+from qplan.planner.config import TrainConfig
+from qplan.planner.memory import MemoryEstimate, estimate_memory
+from qplan.planner.plan import Plan
+from qplan.planner.speed import SpeedEstimate, estimate_speed
+from qplan.profiles.gpus import GIB, GpuProfile
+from qplan.profiles.models import ModelProfile
+
+# Keep this much of the card free: the estimate's own error, other processes.
+MARGIN_FRACTION = 0.05
+MARGIN_MIN_GIB = 0.3
+# What a display or the driver typically holds on a desktop card beyond the CUDA context.
+DRIVER_RESERVE_GIB = 0.25
+
+# A policy sees a candidate and returns it (maybe changed) or None to veto it.
+Policy = Callable[[ModelProfile, GpuProfile, TrainConfig], "TrainConfig | None"]
+MemoryAdjust = Callable[[list], list]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    config: TrainConfig
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+    techniques: int  # how many memory-saving techniques it uses (tie-breaker)
+
+
+def usable_bytes(gpu: GpuProfile, capacity_bytes: int | None = None) -> int:
+    """Device memory a plan may use: the card (or the given cap) less the planning margin."""
+    cap = capacity_bytes if capacity_bytes is not None else gpu.memory_bytes - int(DRIVER_RESERVE_GIB * GIB)
+    margin = max(MARGIN_FRACTION * cap, MARGIN_MIN_GIB * GIB)
+    return int(cap - margin)
+
+
+def default_settings(model: ModelProfile, gpu: GpuProfile, *, flash_attn_available: bool = False,
+                     ) -> dict[str, Any]:
+    """The default policy's starting point, with the reason for each choice."""
+    return {
+        "compute_dtype": "bf16" if gpu.bf16 else "fp16",
+        "attn": "flash_attention_2" if (flash_attn_available and gpu.flash_attention_2) else "sdpa",
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": None,
+        "optim": "paged_adamw_8bit",
+        "quant": "nf4",
+        "double_quant": True,
+        "expandable_segments": True,
+    }
+
+
+def _techniques(cfg: TrainConfig) -> int:
+    return (int(cfg.grad_ckpt) + int(cfg.loss == "fused") + int(cfg.offload_activations)
+            + int(cfg.prepare == "kbit"))
+
+
+def _batch_sizes(target: int) -> list[int]:
+    out, b = [], 1
+    while b <= max(1, target):
+        out.append(b)
+        b *= 2
+    return out
+
+
+def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effective_batch: int,
+               fixed: dict[str, Any], base: dict[str, Any], *, liger_available: bool = True,
+               host_ram_bytes: int | None = None) -> Iterable[TrainConfig]:
+    """Every configuration the search considers, with user-fixed settings held."""
+    grid = {
+        "batch_size": _batch_sizes(target_effective_batch),
+        "grad_ckpt": [False, True],
+        "loss": ["standard", "fused"],
+        "prepare": ["lean"],
+        "offload_activations": [False, True],
+    }
+    for k in list(grid):
+        if k in fixed:
+            grid[k] = [fixed[k]]
+    settings = {**base, **{k: v for k, v in fixed.items() if k not in grid}}
+    for b in grid["batch_size"]:
+        accum = fixed.get("grad_accum") or max(1, math.ceil(target_effective_batch / b))
+        for ck in grid["grad_ckpt"]:
+            for loss in grid["loss"]:
+                for prep in grid["prepare"]:
+                    for off in grid["offload_activations"]:
+                        if off and not ck:
+                            continue  # offloading applies to checkpointed block inputs
+                        yield TrainConfig(**{**settings, "seq_len": seq_len, "batch_size": b,
+                                             "grad_accum": accum, "grad_ckpt": ck, "loss": loss,
+                                             "prepare": prep, "offload_activations": off})
+
+
+def evaluate(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *,
+             capacity_bytes: int | None = None, adjust: MemoryAdjust | None = None) -> Candidate:
+    mem = estimate_memory(model, cfg, gpu, capacity_bytes=capacity_bytes, adjust=adjust)
+    return Candidate(cfg, mem, estimate_speed(model, cfg, gpu), _techniques(cfg))
+
+
+def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effective_batch: int = 16,
+           fixed: dict[str, Any] | None = None, flash_attn_available: bool = False,
+           liger_available: bool = True, host_ram_bytes: int | None = None,
+           capacity_bytes: int | None = None, policies: Sequence[Policy] = (),
+           adjust: MemoryAdjust | None = None) -> tuple[Candidate | None, list[Candidate]]:
+    """Best fitting candidate (or None) and every evaluated candidate."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    base = default_settings(model, gpu, flash_attn_available=flash_attn_available)
+    limit = usable_bytes(gpu, capacity_bytes)
+    best: Candidate | None = None
+    seen: list[Candidate] = []
+    for cfg in candidates(model, gpu, seq_len, target_effective_batch, fixed, base,
+                          liger_available=liger_available, host_ram_bytes=host_ram_bytes):
+        for pol in policies:
+            cfg = pol(model, gpu, cfg)
+            if cfg is None:
+                break
+        if cfg is None:
+            continue
+        cand = evaluate(model, gpu, cfg, capacity_bytes=capacity_bytes, adjust=adjust)
+        seen.append(cand)
+        if cand.memory.peak_bytes > limit:
+            continue
+        if host_ram_bytes is not None and cand.memory.host_pinned_bytes > 0.5 * host_ram_bytes:
+            continue
+        key = (cand.speed.tokens_per_s, -cand.techniques)
+        if best is None or key > (best.speed.tokens_per_s, -best.techniques):
+            best = cand
+    return best, seen
