@@ -16,7 +16,8 @@ ATTN_EXTRA_PER_TOKEN = {"sdpa": 0, "flash_attention_2": 0, "eager": 0}
 # Bytes per logit element at the standard loss's peak.
 LOGITS_STANDARD_BYTES = 14.0
 # Fused / chunked loss.
-FUSED_CHUNK_TOKENS = 1024
+# Logit elements per chunk of the chunked loss (rows = this // vocab_size).
+FUSED_CHUNK_ELEMENTS = 64 * 1024 * 1024
 LOGITS_FUSED_BYTES = 12.0
 
 # ---- speed --------------------------------------------------------------

@@ -236,7 +236,7 @@ def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     t = _tokens(cfg)
     v = model.vocab_size
     if cfg.loss == "fused":
-        chunk = min(t, C.FUSED_CHUNK_TOKENS)
+        chunk = min(t, max(64, C.FUSED_CHUNK_ELEMENTS // v))
         return int(chunk * v * C.LOGITS_FUSED_BYTES + t * model.hidden_size * 4)
     return int(t * v * C.LOGITS_STANDARD_BYTES)
 

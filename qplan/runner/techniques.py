@@ -1,0 +1,204 @@
+"""How each plan setting is applied to a real model (transformers + peft + bitsandbytes).
+
+Used by the runner and by ``benchmarks/memory_accuracy.py``, so the settings that are
+measured are exactly the ones that are run. torch and friends are imported inside the
+functions: importing this module is cheap, but calling it needs ``qplan[train]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Any
+
+from qplan.planner import calibration as C
+from qplan.planner.config import TrainConfig
+from qplan.profiles.models import ModelProfile
+
+
+def torch_dtype(cfg: TrainConfig):
+    import torch
+
+    return torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16
+
+
+def quantization_config(cfg: TrainConfig):
+    """bitsandbytes 4-bit settings for ``cfg`` (None for plain LoRA, ``quant="none"``)."""
+    if cfg.quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant,
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(cfg),
+                              bnb_4bit_quant_storage="uint8")
+
+
+def load_model(path: str, cfg: TrainConfig, device_map: Any = None):
+    """Load the base model for training, quantized as ``cfg`` says.
+
+    After loading, unreferenced tensors that ``from_pretrained`` leaves behind are
+    collected and the CUDA cache emptied (several GiB on large models otherwise).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype(cfg), attn_implementation=cfg.attn)
+    q = quantization_config(cfg)
+    if q is not None:
+        kwargs["quantization_config"] = q
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    free_cached_memory()
+    return model
+
+
+def free_cached_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prepare_for_training(model, cfg: TrainConfig) -> None:
+    """Freeze the base model and set up checkpointing the way ``cfg.prepare`` says.
+
+    ``kbit``: peft's ``prepare_model_for_kbit_training`` (every non-4-bit parameter,
+    embeddings and lm_head included, cast to float32). ``lean``: freeze, keep embeddings,
+    lm_head and norms in 16-bit (the norms compute in float32 internally anyway), and let
+    gradients reach the inputs so checkpointed blocks have something to differentiate.
+    """
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.prepare == "kbit" and cfg.quant != "none":
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_ckpt,
+                                        gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.grad_ckpt:
+            model.enable_input_require_grads()
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = False
+
+
+def lora_config(profile: ModelProfile, cfg: TrainConfig):
+    from peft import LoraConfig
+
+    names = profile.target_names
+    modules = [names[t] for t in profile.resolve_targets(cfg.lora_targets)]
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=modules, bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, profile: ModelProfile, cfg: TrainConfig):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(profile, cfg))
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float = 2e-4):
+    """The optimizer ``cfg.optim`` names, over ``params``."""
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr)
+    import bitsandbytes as bnb
+
+    if cfg.optim == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    return bnb.optim.AdamW8bit(params, lr=lr)
+
+
+# ---------------------------------------------------------------------------
+# the loss
+def _decoder_and_head(model):
+    """(decoder, lm_head, final_logit_softcapping) of a (peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return base.model, base.lm_head, cap
+
+
+def _chunk_loss(hidden, weight, labels, softcap):
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden, weight).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's logits have about ``FUSED_CHUNK_ELEMENTS``."""
+    return max(64, C.FUSED_CHUNK_ELEMENTS // vocab_size)
+
+
+def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int | None = None):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 = ignored),
+    computed a chunk of rows at a time: each chunk's logits are recomputed in backward
+    (checkpointed), so float32 logits for the whole batch never exist."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    n = (y != -100).sum().clamp(min=1)
+    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_chunk_loss, h[i:i + chunk], weight, y[i:i + chunk], softcap,
+                                   use_reentrant=False)
+    return total / n
+
+
+def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=None):
+    """The training loss of one micro-batch under ``cfg.loss``.
+
+    ``standard``: the model's own forward with labels (transformers' ``ForCausalLMLoss``,
+    float32 logits for the whole batch). ``fused``: the decoder's hidden states go through
+    :func:`chunked_cross_entropy`, which never holds the full logits.
+    """
+    if cfg.loss == "standard":
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    decoder, head, cap = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    shift_h = hidden[:, :-1, :]
+    shift_y = labels[:, 1:]
+    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap)
+
+
+def activation_offload(cfg: TrainConfig):
+    """A context in which the tensors autograd saves in forward go to pinned CPU memory.
+
+    With checkpointing, those are the block inputs (and the loss inputs); they come back
+    for the backward pass. A no-op unless ``cfg.offload_activations``.
+    """
+    if not cfg.offload_activations:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
+def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
+    """One optimizer step over ``batches`` (micro-batches of (input_ids, labels)) under
+    autocast, as Trainer does with bf16/fp16. Returns the mean loss."""
+    import torch
+
+    dev = next(p for p in model.parameters()).device.type
+    losses = []
+    for input_ids, labels in batches:
+        with torch.autocast(dev, dtype=torch_dtype(cfg)), activation_offload(cfg):
+            loss = causal_lm_loss(model, cfg, input_ids, labels) / len(batches)
+        loss.backward()
+        losses.append(float(loss.detach()) * len(batches))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(losses) / len(losses)
