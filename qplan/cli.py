@@ -1,15 +1,52 @@
-"""qplan's command line: a thin layer over :mod:`qplan.api`."""
+"""qplan's command line: a thin click group over :mod:`qplan.api`.
+
+Commands live in :mod:`qplan.commands`; this module only builds the group. Exit codes:
+0 success, 2 bad input, 3 does not fit, 4 a run failed (``QplanError.exit_code``).
+"""
 from __future__ import annotations
 
 import click
 
 from qplan import __version__
+from qplan.errors import QplanError
+
+CLI_EXAMPLES = """
+\b
+Examples:
+  qplan suggest --model llama-3.1-8b
+  qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024
+  qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4
+  qplan gpus
+  qplan hw
+"""
 
 
-@click.group()
+class QplanGroup(click.Group):
+    """A group that turns a qplan error escaping any command (a plugin's too) into a
+    message and its exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QplanError as e:
+            from qplan.commands.common import fail
+
+            fail(e, as_json=False)
+
+
+@click.group(cls=QplanGroup, epilog=CLI_EXAMPLES)
 @click.version_option(__version__, prog_name="qplan")
 def cli() -> None:
     """Plan and run QLoRA / LoRA fine-tuning that fits your GPU."""
+
+
+def _register_builtin_commands() -> None:
+    from qplan.commands import register
+
+    register(cli)
+
+
+_register_builtin_commands()
 
 
 def main() -> None:

@@ -1,0 +1,17 @@
+"""qplan's built-in commands, each a thin click wrapper over :mod:`qplan.api`.
+
+Commands turn the library's domain errors into messages and exit codes
+(:mod:`qplan.commands.common`); they hold no planning logic of their own.
+"""
+from __future__ import annotations
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    """Add every built-in command to ``cli``."""
+    from qplan.commands import catalog, hw, planner
+
+    for cmd in (planner.suggest, planner.estimate, catalog.gpus, catalog.models, hw.hw):
+        cli.add_command(cmd)
+    cli.add_command(hw.hw, name="doctor")

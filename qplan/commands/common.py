@@ -1,0 +1,213 @@
+"""What the commands share: the training-knob flags, GPU resolution, error handling.
+
+The knob flags are generated from :class:`~qplan.planner.config.TrainConfig`: names as in
+the docs, choices from the config module's tuples, defaults from the dataclass, so the
+CLI cannot drift from the library.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Callable
+
+import click
+
+from qplan.errors import DoesNotFitError, NoGpuError, QplanError
+from qplan.planner import config as C
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One ``TrainConfig`` field as a flag."""
+
+    field: str
+    flag: str  # "--seq", or "--grad-ckpt/--no-grad-ckpt" for booleans
+    help: str
+    type: Any = None  # click type; None for booleans
+
+    @property
+    def param(self) -> str:
+        return self.field
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("seq_len", "--seq", "sequence length in tokens", click.IntRange(min=1)),
+    Knob("batch_size", "--batch", "per-device micro-batch size", click.IntRange(min=1)),
+    Knob("grad_accum", "--grad-accum", "gradient accumulation steps", click.IntRange(min=1)),
+    Knob("lora_rank", "--rank", "LoRA rank r", click.IntRange(min=1)),
+    Knob("lora_alpha", "--alpha", "LoRA alpha", click.IntRange(min=1)),
+    Knob("lora_targets", "--targets",
+         "LoRA target modules: 'all' (every linear layer in the blocks) or a comma list "
+         "such as q,k,v,o or q_proj,v_proj", str),
+    Knob("lora_dropout", "--lora-dropout", "LoRA dropout probability",
+         click.FloatRange(0.0, 1.0, max_open=True)),
+    Knob("grad_ckpt", "--grad-ckpt/--no-grad-ckpt", "gradient checkpointing"),
+    Knob("optim", "--optim", "optimizer", click.Choice(C.OPTIMIZERS)),
+    Knob("prepare", "--prepare",
+         "kbit = peft prepare_model_for_kbit_training (non-4-bit params to float32); "
+         "lean = keep them 16-bit", click.Choice(C.PREPARE_MODES)),
+    Knob("loss", "--loss", "standard cross-entropy, or fused (never materializes float32 "
+         "logits)", click.Choice(C.LOSS_MODES)),
+    Knob("attn", "--attn", "attention implementation", click.Choice(C.ATTN_IMPLS)),
+    Knob("quant", "--quant", "4-bit quantization type (none = plain LoRA on 16-bit weights)",
+         click.Choice(C.QUANT_TYPES)),
+    Knob("double_quant", "--double-quant/--no-double-quant", "double quantization"),
+    Knob("compute_dtype", "--compute-dtype", "compute dtype (bf16 needs compute capability "
+         ">= 8.0)", click.Choice(C.DTYPES)),
+    Knob("expandable_segments", "--expandable-segments/--no-expandable-segments",
+         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
+    Knob("offload_activations", "--offload-activations/--no-offload-activations",
+         "keep checkpointed block inputs in pinned CPU memory"),
+)
+KNOB_BY_FIELD = {k.field: k for k in KNOBS}
+
+
+def config_defaults() -> dict[str, Any]:
+    """``TrainConfig``'s field defaults (the flag defaults of ``qplan estimate``)."""
+    return {f.name: f.default for f in fields(C.TrainConfig) if f.default is not MISSING}
+
+
+def knob_options(*, defaults: bool, skip: tuple[str, ...] = ()) -> Callable:
+    """Decorator adding every knob flag. ``defaults=False`` (suggest): unset flags are None,
+    meaning "search this"; ``defaults=True`` (estimate): TrainConfig's defaults."""
+    dflt = config_defaults()
+
+    def deco(fn):
+        for k in reversed(KNOBS):
+            if k.field in skip:
+                continue
+            d = dflt[k.field] if defaults else None
+            if k.field == "lora_targets" and defaults:
+                d = "all" if d is None else ",".join(d)
+            kw: dict[str, Any] = dict(default=d, help=k.help, show_default=defaults)
+            if k.type is not None:
+                kw["type"] = k.type
+            fn = click.option(k.flag, k.field, **kw)(fn)
+        return fn
+    return deco
+
+
+def knob_values(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the knob flags from a command's kwargs: field -> value, unset (None) dropped."""
+    out = {}
+    for k in KNOBS:
+        v = kwargs.pop(k.field, None)
+        if v is None:
+            continue
+        if k.field == "lora_targets":
+            parts = tuple(p.strip() for p in v.split(",") if p.strip())
+            v = None if parts in ((), ("all",), ("all-linear",)) else parts
+            if v is None:
+                continue
+        out[k.field] = v
+    return out
+
+
+def flag_of(field: str) -> str:
+    """The flag a user types for ``field`` (``--grad-ckpt`` for ``grad_ckpt``)."""
+    return KNOB_BY_FIELD[field].flag.split("/")[0]
+
+
+# ---------------------------------------------------------------------------
+@dataclass
+class Target:
+    """The GPU a command plans for, and what was learned about the machine."""
+
+    gpu: Any  # GpuProfile
+    capacity_bytes: int | None
+    detected: bool
+    flash_attn_available: bool
+    host_ram_bytes: int | None
+    notes: list[str]
+
+
+NO_GPU_MESSAGE = (
+    "no NVIDIA GPU was found on this machine ({why}). Name the card to plan for: "
+    "--gpu rtx-4060, or a memory size: --gpu 8GB (or --vram 8). `qplan gpus` lists the "
+    "catalogue.")
+
+
+def resolve_target(gpu: str | None, vram: float | None) -> Target:
+    """``--gpu`` / ``--vram``, else the detected GPU 0; :class:`NoGpuError` when neither."""
+    from qplan import api
+    from qplan.profiles.gpus import GIB
+
+    notes: list[str] = []
+    if vram is not None and vram <= 0:
+        from qplan.errors import BadInputError
+
+        raise BadInputError(f"--vram must be a positive number of GiB (got {vram:g})")
+    if gpu is not None:
+        g = api.get_gpu(gpu)
+        cap = int(vram * GIB) if vram is not None else None
+        if cap is not None:
+            notes.append(f"memory capped at {vram:g} GiB by --vram")
+        if g.notes:
+            notes.append(g.notes)
+        return Target(g, cap, False, False, None, notes)
+
+    from qplan.planner.hardware import probe
+
+    hw = probe()
+    if not hw.gpus:
+        if vram is not None:
+            g = api.get_gpu(f"{vram:g}")
+            return Target(g, None, False, False, None, [g.notes])
+        why = hw.notes[0] if hw.notes else "NVML reports no devices"
+        raise NoGpuError(NO_GPU_MESSAGE.format(why=why))
+    d = hw.gpus[0]
+    g = d.profile
+    notes.append(f"detected GPU 0: {d.name} ({d.total_gib:.1f} GiB, cc "
+                 f"{d.compute_capability[0]}.{d.compute_capability[1]}) -> profile {g.name}")
+    if len(hw.gpus) > 1:
+        notes.append(f"{len(hw.gpus)} GPUs detected; planning for GPU 0 only "
+                     "(the plan's device_map places the model on GPU 0)")
+    if not d.matched:
+        notes.append(g.notes)
+    if d.free_bytes is not None and d.free_bytes < 0.9 * d.total_bytes:
+        notes.append(f"GPU 0 has only {d.free_gib:.1f} GiB free of {d.total_gib:.1f} GiB: "
+                     "other processes use it; the plan assumes the whole card")
+    cap = None
+    if vram is not None:
+        cap = int(vram * GIB)
+        notes.append(f"memory capped at {vram:g} GiB by --vram")
+    return Target(g, cap, True, hw.flash_attn, hw.ram_limit_bytes, notes)
+
+
+# ---------------------------------------------------------------------------
+def fail(err: QplanError, *, as_json: bool) -> None:
+    """Report a domain error and exit with its code (2 bad input, 3 does not fit, ...)."""
+    from qplan import render
+
+    if as_json:
+        render.print_json(render.error_dict(err))
+    elif isinstance(err, DoesNotFitError):
+        render.print_lines([f"does not fit: {err}"], style="bold red")
+        if err.estimate is not None:
+            render.print_breakdown(render.memory_dict(err.estimate),
+                                   title="Smallest configuration tried", fit_line=False)
+        if err.alternatives:
+            render.print_lines(["Nearest plans that fit:"] + [f"  {a}" for a in err.alternatives])
+        else:
+            render.print_lines(["No nearby plan fits (tried a shorter sequence, a smaller model "
+                                "of the same family and bigger cards)."])
+    else:
+        render.print_error(str(err))
+    raise click.exceptions.Exit(getattr(err, "exit_code", 2))
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn qplan's domain errors raised by a command into a message and its exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QplanError as e:
+            fail(e, as_json=bool(kwargs.get("as_json")))
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="print JSON (schema: docs/json-schema.md)")
+__all__ = ["KNOBS", "Target", "fail", "handles_errors", "json_option", "knob_options",
+           "knob_values", "resolve_target", "config_defaults", "flag_of", "NoGpuError"]

@@ -1,0 +1,313 @@
+"""``qplan suggest`` and ``qplan estimate``: thin wrappers over :mod:`qplan.api`."""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qplan.commands.common import (flag_of, handles_errors, json_option, knob_options,
+                                   knob_values, resolve_target)
+from qplan.errors import BadInputError, DoesNotFitError
+
+# Characters per token for --data: a rough average for English text with BPE tokenizers.
+CHARS_PER_TOKEN = 4
+
+
+def _api_default(fn_name: str, param: str) -> Any:
+    """A default of :mod:`qplan.api` (so the flag cannot drift from the library)."""
+    from qplan import api
+
+    return inspect.signature(getattr(api, fn_name)).parameters[param].default
+
+
+def count_tokens(path: Path, seq_len: int | None) -> tuple[int, int]:
+    """Approximate tokens in a JSONL file: characters of every string value / 4 per record,
+    each record truncated to ``seq_len``. Returns (tokens, records)."""
+    def chars(v: Any) -> int:
+        if isinstance(v, str):
+            return len(v)
+        if isinstance(v, dict):
+            return sum(chars(x) for x in v.values())
+        if isinstance(v, list):
+            return sum(chars(x) for x in v)
+        return 0
+
+    if not path.is_file():
+        raise BadInputError(f"--data {str(path)!r} does not exist or is not a file")
+    tokens = records = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInputError(f"--data {path}: line {n} is not JSON ({e.msg}); "
+                                    "expected one JSON object per line (JSONL)") from None
+            t = math.ceil(chars(rec) / CHARS_PER_TOKEN)
+            tokens += min(t, seq_len) if seq_len else t
+            records += 1
+    if records == 0:
+        raise BadInputError(f"--data {path} holds no records")
+    return tokens, records
+
+
+def _fmt_duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    m = s / 60
+    if m < 90:
+        return f"{m:.0f} min"
+    h, m = divmod(round(m), 60)
+    return f"{h} h {m:02d} min" if h < 48 else f"{s / 86400:.1f} days"
+
+
+# Why a setting has its value when api's reasons do not say (default policy).
+_DEFAULT_WHY = {
+    "seq_len": "requested sequence length",
+    "lora_rank": "default policy",
+    "lora_alpha": "default policy (2 x rank)",
+    "lora_targets": "default policy: every linear layer in the blocks",
+    "lora_dropout": "default policy",
+    "quant": "QLoRA 4-bit NormalFloat",
+    "double_quant": "quantize the quantization constants too (smaller)",
+    "expandable_segments": "allocator setting: less fragmentation",
+    "offload_activations": "not needed",
+}
+# Which setting each of api's reasons explains (by its first words).
+_REASON_FIELD = (("batch ", ("batch_size", "grad_accum")), ("bf16", ("compute_dtype",)),
+                 ("fp16", ("compute_dtype",)), ("attention", ("attn",)),
+                 ("gradient checkpointing", ("grad_ckpt",)), ("loss", ("loss",)),
+                 ("prepare", ("prepare",)), ("optimizer", ("optim",)),
+                 ("activation offloading", ("offload_activations",)))
+
+
+def reasons_by_setting(reasons, fixed: dict[str, Any], longest: bool) -> tuple[dict[str, str], list[str]]:
+    """Map each reason to the settings it explains; the rest are returned as a list."""
+    out, rest = dict(_DEFAULT_WHY), []
+    if longest:
+        out["seq_len"] = "longest sequence that fits (--longest)"
+    for r in reasons:
+        for prefix, keys in _REASON_FIELD:
+            if r.startswith(prefix):
+                for k in keys:
+                    out[k] = r
+                break
+        else:
+            rest.append(r)
+    for k in fixed:
+        out[k] = f"fixed by {flag_of(k)}"
+    return out, rest
+
+
+# ---------------------------------------------------------------------------
+SUGGEST_EXAMPLES = """
+\b
+Examples:
+  qplan suggest --model llama-3.1-8b
+  qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024
+  qplan suggest --model qwen2.5-7b --gpu 24GB --rank 64 --no-grad-ckpt
+  qplan suggest --model ./my-model/config.json --vram 12 --longest
+  qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml
+  qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json
+"""
+
+
+@click.command(epilog=SUGGEST_EXAMPLES)
+@click.option("--model", "-m", required=True,
+              help="catalogue name (qplan models), model directory, config.json or hub id")
+@click.option("--gpu", "-g", help="GPU to plan for: a catalogue name (qplan gpus) or a memory "
+              "size such as 8GB; default: the detected GPU 0")
+@click.option("--vram", type=float, help="GiB of GPU memory to plan for (caps --gpu or the "
+              "detected GPU; alone: a generic GPU of that size)")
+@click.option("--target-batch", type=click.IntRange(min=1),
+              default=_api_default("suggest", "target_effective_batch"),
+              show_default=True, help="effective batch (batch x accumulation) to reach")
+@knob_options(defaults=False)
+@click.option("--data", type=click.Path(path_type=Path), help="JSONL training data: tokens "
+              "counted approximately (characters / 4) for the wall-time estimate")
+@click.option("--tokens", type=click.IntRange(min=1), help="exact training tokens per epoch")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="epochs, for the wall-time estimate")
+@click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
+@click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
+              "`qplan run --plan` and for editing")
+@json_option
+@handles_errors
+def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
+            data: Path | None, tokens: int | None, epochs: float, longest: bool,
+            save: Path | None, as_json: bool, **knobs: Any) -> None:
+    """Suggest the fastest QLoRA settings that fit a GPU.
+
+    Every knob flag you give is held fixed; the others are searched (per-device batch,
+    gradient checkpointing, loss, activation offload) and chosen by the default policy.
+    Prints the settings with the reason for each, the memory breakdown, the headroom, the
+    estimated tokens/s and, with --data or --tokens, the estimated wall time.
+    """
+    from qplan import api, render
+    from qplan.planner.search import usable_bytes
+
+    fixed = knob_values(knobs)
+    seq = fixed.pop("seq_len", None)
+    if longest and seq is not None:
+        raise BadInputError("--longest searches the sequence length; drop --seq or --longest")
+    if data is not None and tokens is not None:
+        raise BadInputError("give --data FILE or --tokens N, not both")
+    seq = seq or _api_default("suggest", "seq_len")
+    m = api.get_model(model)
+    if "lora_targets" in fixed:
+        m.resolve_targets(fixed["lora_targets"])  # names the valid targets if one is wrong
+    t = resolve_target(gpu, vram)
+    model_ref = m.name if api.catalog().models.find(model) else model
+    common = dict(target_effective_batch=target_batch, fixed=fixed,
+                  capacity_bytes=t.capacity_bytes, flash_attn_available=t.flash_attn_available,
+                  host_ram_bytes=t.host_ram_bytes)
+    if longest:
+        import dataclasses
+
+        plan = api.longest_sequence(m, t.gpu, **common)
+        plan = dataclasses.replace(plan, model=model_ref)
+    else:
+        plan = api.suggest(m, t.gpu, seq_len=seq, model_ref=model_ref, **common)
+
+    notes = list(t.notes)
+    d = render.estimate_dict("suggest", m, t.gpu, plan.config, plan.memory, plan.speed,
+                             usable_bytes=usable_bytes(t.gpu, t.capacity_bytes), notes=notes)
+    d["gpu_detected"] = t.detected
+    d["plan"] = render.plan_dict(plan)
+    n_tokens, approx, records = None, False, None
+    if data is not None:
+        n_tokens, records = count_tokens(data, plan.config.seq_len)
+        approx = True
+    elif tokens is not None:
+        n_tokens = tokens
+    d["dataset"] = None if n_tokens is None else {
+        "tokens_per_epoch": n_tokens, "approximate": approx, "records": records,
+        "epochs": epochs, "source": str(data) if data is not None else "--tokens"}
+    d["wall_time_s"] = (round(n_tokens * epochs / plan.speed.tokens_per_s, 1)
+                        if n_tokens is not None and plan.speed and plan.speed.tokens_per_s else None)
+    if save is not None:
+        from qplan.planner.plan import save_plan
+
+        d["saved_to"] = str(save_plan(plan, save))
+
+    if as_json:
+        render.print_json(d)
+        return
+    g = t.gpu
+    render.print_lines([f"qplan suggest: {m.name} on {g.name} ({g.memory_gib:g} GiB, "
+                        f"cc {g.cc_str}){' [detected]' if t.detected else ''}"], style="bold")
+    for n in notes:
+        render.print_lines([f"note: {n}"])
+    why, rest = reasons_by_setting(plan.reasons, fixed, longest)
+    render.print_settings(d["settings"], why, title="Settings")
+    for r in rest:
+        render.print_lines([f"  {r}"])
+    render.print_breakdown(d)
+    lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
+             f"({plan.config.tokens_per_step:,} tokens per optimizer step, "
+             f"{d['step_s']:.2f} s a step)"]
+    if d["wall_time_s"] is not None:
+        how = (f"~{n_tokens:,} tokens/epoch from {records:,} records, approximate: characters/4, "
+               f"truncated to {plan.config.seq_len}" if approx else f"{n_tokens:,} tokens/epoch")
+        lines.append(f"estimated wall time: {_fmt_duration(d['wall_time_s'])} for "
+                     f"{epochs:g} epoch(s) ({how})")
+    if plan.env:
+        lines.append("environment: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
+    lines.append(f"device_map: {plan.device_map}")
+    if save is not None:
+        lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan {save}`)")
+    render.print_lines(lines)
+
+
+# ---------------------------------------------------------------------------
+ESTIMATE_EXAMPLES = """
+\b
+Examples:
+  qplan estimate --model llama-3.1-8b --gpu rtx-4060 --seq 1024
+  qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4 --no-grad-ckpt --loss fused
+  qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit
+  qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json
+"""
+
+
+def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
+    """Walk the OOM ladder from ``cfg`` to the first configuration that fits, if any."""
+    from qplan import api
+
+    changes = []
+    for _ in range(16):
+        step = api.next_safer_config(cfg, allow_shorter_seq=True)
+        if step is None:
+            return None
+        cfg, why = step
+        changes.append(why)
+        est = api.estimate(m, gpu, cfg, capacity_bytes=capacity_bytes)
+        if est.fits:
+            return (f"fits ({est.memory.peak_gib:.2f} GiB) after: " + "; ".join(changes)
+                    + ". Or let `qplan suggest` search.")
+    return None
+
+
+@click.command(epilog=ESTIMATE_EXAMPLES)
+@click.option("--model", "-m", required=True,
+              help="catalogue name (qplan models), model directory, config.json or hub id")
+@click.option("--gpu", "-g", help="a catalogue name (qplan gpus) or a memory size such as "
+              "8GB; default: the detected GPU 0")
+@click.option("--vram", type=float, help="GiB of GPU memory (caps --gpu or the detected GPU)")
+@knob_options(defaults=True)
+@json_option
+@handles_errors
+def estimate(model: str, gpu: str | None, vram: float | None, as_json: bool,
+             **knobs: Any) -> None:
+    """Estimate the memory and speed of one fully specified configuration.
+
+    No search: the flags (defaults as in TrainConfig) are the configuration. Prints the
+    memory breakdown and whether it fits; exit code 3 when it does not (the breakdown and
+    the largest term are still printed).
+    """
+    from qplan import api, render
+    from qplan.planner.config import TrainConfig
+    from qplan.planner.search import usable_bytes
+
+    cfg = TrainConfig(**knob_values(knobs))
+    m = api.get_model(model)
+    m.resolve_targets(cfg.lora_targets)
+    t = resolve_target(gpu, vram)
+    notes = list(t.notes)
+    if cfg.compute_dtype == "bf16" and not t.gpu.bf16:
+        notes.append(f"{t.gpu.name} (cc {t.gpu.cc_str}) has no bf16; use --compute-dtype fp16")
+    est = api.estimate(m, t.gpu, cfg, capacity_bytes=t.capacity_bytes)
+    usable = usable_bytes(t.gpu, t.capacity_bytes)
+    if est.fits and est.memory.peak_bytes > usable:
+        notes.append("fits, but inside the safety margin that `qplan suggest` keeps free "
+                     "(estimate error, other processes); an OOM is possible")
+    d = render.estimate_dict("estimate", m, t.gpu, cfg, est.memory, est.speed,
+                             usable_bytes=usable, notes=notes)
+    d["gpu_detected"] = t.detected
+    hint = None if est.fits else _fit_hint(m, t.gpu, cfg, t.capacity_bytes)
+    d["hint"] = hint
+    if as_json:
+        render.print_json(d)
+    else:
+        g = t.gpu
+        render.print_lines([f"qplan estimate: {m.name} on {g.name} ({g.memory_gib:g} GiB, "
+                            f"cc {g.cc_str}){' [detected]' if t.detected else ''}"], style="bold")
+        for n in notes:
+            render.print_lines([f"note: {n}"])
+        render.print_settings(d["settings"], title="Settings")
+        render.print_breakdown(d)
+        render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
+                            f"({d['step_s']:.2f} s per optimizer step)"])
+        if not est.fits:
+            big = est.memory.largest()
+            render.print_lines([f"largest term: {big.label} ({big.gib:.2f} GiB): "
+                                f"{big.explanation}"])
+            if hint:
+                render.print_lines([f"hint: {hint}"])
+    if not est.fits:
+        raise click.exceptions.Exit(DoesNotFitError.exit_code)
