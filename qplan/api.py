@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from qplan.errors import BadInputError, DoesNotFitError
@@ -22,20 +21,11 @@ from qplan.profiles.models import ModelProfile
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*$", re.I)
 
 
-@lru_cache(maxsize=1)
-def _default_catalog():
-    from qplan.catalog import build_catalog
-
-    return build_catalog()
-
-
 def catalog(pm=None):
-    """The catalogue built from the loaded plugins (cached for the default manager)."""
-    if pm is None:
-        return _default_catalog()
-    from qplan.catalog import build_catalog
+    """The catalogue built from the loaded plugins (cached per plugin manager)."""
+    from qplan.catalog import get_catalog
 
-    return build_catalog(pm)
+    return get_catalog(pm)
 
 
 def get_model(name: str, *, pm=None) -> ModelProfile:
@@ -79,7 +69,9 @@ def _adjust_for(model: ModelProfile, pm=None):
         return None
 
     def adjust(terms, cfg) -> bool:
-        return any(pm.hook.adjust_memory(model=model, config=cfg, terms=terms))
+        from qplan.plugins.calls import adjust_memory
+
+        return adjust_memory(pm, model, cfg, terms)
     return adjust
 
 
@@ -134,12 +126,9 @@ def _policies(pm=None):
     pm = pm or get_plugin_manager()
 
     def policy(model, gpu, cfg):
-        for res in pm.hook.plan_policy(model=model, gpu=gpu, config=cfg):
-            if res is False:
-                return None
-            if isinstance(res, TrainConfig):
-                cfg = res
-        return cfg
+        from qplan.plugins.calls import apply_plan_policies
+
+        return apply_plan_policies(pm, model, gpu, cfg)  # chained; None if vetoed
     return [policy]
 
 
