@@ -23,6 +23,23 @@ LLAMA_TARGETS = {
     "up": "up_proj",
     "down": "down_proj",
 }
+# Fields some config.json files leave to the transformers class default. The multimodal
+# Gemma 3 configs (4B and up) give only a few text_config fields; these are
+# transformers' Gemma3TextConfig defaults (the 4B's values).
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": dict(vocab_size=262_208, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, max_position_embeddings=131_072),
+}
+CONFIG_DEFAULTS["gemma3"] = CONFIG_DEFAULTS["gemma3_text"]  # text_config without model_type
+# Profile fields that come from qplan, never from a config.json.
+_NOT_FROM_CONFIG = ("name", "hf_id", "source", "family", "aliases", "notes", "provider")
+
+
+def _default_tie(model_type: str) -> bool:
+    """transformers' default ``tie_word_embeddings``: True for Gemma, False for the rest."""
+    return model_type.startswith("gemma")
+
+
 # Phi-3 fuses q/k/v and gate/up into one projection each.
 PHI3_TARGETS = {
     "qkv": "qkv_proj",
@@ -229,33 +246,40 @@ class ModelProfile:
         Multimodal configs that nest the language model under ``text_config`` are
         unwrapped. Raises :class:`ConfigError` naming every missing field.
         """
-        if "text_config" in config and "hidden_size" not in config:
+        if isinstance(config.get("text_config"), dict) and "hidden_size" not in config:
             inner = dict(config["text_config"])
             inner.setdefault("model_type", config.get("model_type", ""))
-            inner.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+            if "tie_word_embeddings" in config:
+                inner.setdefault("tie_word_embeddings", config["tie_word_embeddings"])
             config = inner
+        model_type = config.get("model_type") or "llama"
+        defaults = CONFIG_DEFAULTS.get(model_type, {})
+        config = {**defaults, **{k: v for k, v in config.items()
+                                 if v is not None or k not in defaults}}
         required = ["hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "vocab_size"]
-        missing = [k for k in required if k not in config]
+        missing = [k for k in required if config.get(k) is None]
         if missing:
             raise ConfigError(
                 f"config for {name!r} is missing {', '.join(missing)}; a decoder-only "
                 "model's config.json needs hidden_size, intermediate_size, num_hidden_layers, "
                 "num_attention_heads and vocab_size")
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in known and k not in ("name",)}
+        kwargs = {k: v for k, v in config.items() if k in known and k not in _NOT_FROM_CONFIG}
         kwargs.setdefault("num_key_value_heads", config["num_attention_heads"])
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = config["num_attention_heads"]
-        kwargs.setdefault("max_position_embeddings", 4096)
-        kwargs["model_type"] = config.get("model_type", "llama")
+        if kwargs.get("max_position_embeddings") is None:
+            kwargs["max_position_embeddings"] = 4096
+        kwargs["model_type"] = model_type
         if config.get("num_local_experts") is None:
             kwargs.pop("num_local_experts", None)
         if config.get("num_experts") and not kwargs.get("num_local_experts"):
             kwargs["num_local_experts"] = config["num_experts"]
         if kwargs.get("head_dim") is None:
             kwargs.pop("head_dim", None)
-        kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
+        tie = config.get("tie_word_embeddings")
+        kwargs["tie_word_embeddings"] = _default_tie(model_type) if tie is None else bool(tie)
         kwargs["attention_bias"] = bool(config.get("attention_bias", False)) or \
             config.get("model_type") == "qwen2"
         if kwargs.get("num_experts_per_tok") is None:
