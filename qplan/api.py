@@ -136,8 +136,12 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             target_effective_batch: int = 16, fixed: dict[str, Any] | None = None,
             flash_attn_available: bool = False, liger_available: bool = True,
             host_ram_bytes: int | None = None, capacity_bytes: int | None = None,
-            model_ref: str | None = None, pm=None) -> Plan:
-    """The fastest plan that fits ``gpu``; :class:`DoesNotFitError` with alternatives if none."""
+            model_ref: str | None = None, pm=None, find_alternatives: bool = True) -> Plan:
+    """The fastest plan that fits ``gpu``; :class:`DoesNotFitError` with alternatives if none.
+
+    ``find_alternatives=False`` skips the search for nearby plans that fit (callers that
+    probe many settings, such as :func:`alternatives` itself, would otherwise recurse).
+    """
     if seq_len > model.max_position_embeddings:
         raise BadInputError(
             f"sequence length {seq_len} is longer than {model.name}'s context "
@@ -150,7 +154,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     if best is None:
         smallest = min(seen, key=lambda c: c.memory.peak_bytes) if seen else None
         alts = alternatives(model, gpu, seq_len=seq_len, target=target_effective_batch,
-                            fixed=fixed, capacity_bytes=capacity_bytes, pm=pm)
+                            fixed=fixed, capacity_bytes=capacity_bytes,
+                            pm=pm) if find_alternatives else []
         msg = f"nothing fits {model.name} at {seq_len} tokens on {gpu.name}"
         if smallest is not None:
             lim = usable_bytes(gpu, capacity_bytes) / GIB
@@ -177,7 +182,7 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
             return suggest(model, gpu, seq_len=s, target_effective_batch=target_effective_batch,
                            fixed=fixed, capacity_bytes=capacity_bytes,
                            flash_attn_available=flash_attn_available,
-                           host_ram_bytes=host_ram_bytes, pm=pm)
+                           host_ram_bytes=host_ram_bytes, pm=pm, find_alternatives=False)
         except DoesNotFitError:
             return None
 
@@ -205,7 +210,7 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     while s >= 128:
         try:
             p = suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,
-                        capacity_bytes=capacity_bytes, pm=pm)
+                        capacity_bytes=capacity_bytes, pm=pm, find_alternatives=False)
             out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
@@ -216,7 +221,8 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     for m in smaller[:3]:
         try:
             p = suggest(m, gpu, seq_len=min(seq_len, m.max_position_embeddings),
-                        target_effective_batch=target, capacity_bytes=capacity_bytes, pm=pm)
+                        target_effective_batch=target, capacity_bytes=capacity_bytes, pm=pm,
+                        find_alternatives=False)
             out.append(f"smaller model: --model {m.name} fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
@@ -224,7 +230,8 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     bigger = sorted((g for g in cat.gpus if g.memory_gib > gpu.memory_gib), key=lambda g: g.memory_gib)
     for g in bigger:
         try:
-            p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed, pm=pm)
+            p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed, pm=pm,
+                        find_alternatives=False)
             out.append(f"bigger card: --gpu {g.name} ({g.memory_gib:g} GiB) fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
