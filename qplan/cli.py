@@ -49,5 +49,16 @@ def _register_builtin_commands() -> None:
 _register_builtin_commands()
 
 
+def _load_plugin_commands() -> None:
+    """Let plugins add commands (``register_commands`` hook; ``qplan plugins`` comes this
+    way). A plugin that raises is reported by name and the other commands still work."""
+    from qplan.plugins.cli import load_plugin_commands
+
+    load_plugin_commands(cli)
+
+
+_load_plugin_commands()
+
+
 def main() -> None:
     cli()

@@ -44,7 +44,7 @@ def plugins_command(as_json: bool) -> None:
 
     from qplan.errors import PluginError
 
-    pm = get_plugin_manager()
+    pm = _group_pm()
     error = None
     try:
         problems = all_problems(pm, build_catalog=True)
@@ -72,6 +72,12 @@ def plugins_command(as_json: bool) -> None:
             click.echo(f"  {p}")
     if error:
         click.echo(f"error: {error}")
+
+
+def _group_pm():
+    """The manager the running group's commands came from (the process's by default)."""
+    root = click.get_current_context().find_root().command
+    return getattr(root, "_qplan_pm", None) or get_plugin_manager()
 
 
 def _shown(pm) -> set[PluginProblem]:
@@ -135,3 +141,4 @@ def _warn_after_each_command(cli: click.Group, pm) -> None:
         return original(*args, **kwargs) if original is not None else None
     cli.callback = callback
     cli._qplan_warns = True
+    cli._qplan_pm = pm

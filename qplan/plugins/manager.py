@@ -133,10 +133,11 @@ class QplanPluginManager(pluggy.PluginManager):
             d = self._dists.get(name)
             if d is not None:
                 out.append(PluginInfo(name, d.version, d.metadata["Name"], False, hooks))
-            else:
-                out.append(PluginInfo(name, __version__ if name in DEFAULT_PLUGINS else "",
-                                      "qplan" if name in DEFAULT_PLUGINS else "", name in
-                                      DEFAULT_PLUGINS, hooks))
+            elif name in DEFAULT_PLUGINS:
+                out.append(PluginInfo(name, __version__, "qplan", True, hooks))
+            else:  # registered directly (tests, scripts): the module's __version__ if any
+                out.append(PluginInfo(name, str(getattr(plugin, "__version__", "")), "", False,
+                                      hooks))
         return out
 
 
