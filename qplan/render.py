@@ -144,13 +144,14 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
-def _table(title: str | None = None, *cols: tuple[str, str], show_header: bool = True):
-    """A table whose first column (the name) never wraps or truncates."""
+def _table(title: str | None = None, *cols: tuple[str, str], show_header: bool = True,
+           no_wrap: tuple[int, ...] = (0,)):
+    """A table whose name column (the first, unless ``no_wrap`` says) never wraps."""
     from rich.table import Table
 
     t = Table(title=title, title_justify="left", title_style="bold", show_header=show_header)
     for i, (name, justify) in enumerate(cols):
-        t.add_column(name, justify=justify, no_wrap=i == 0)  # type: ignore[arg-type]
+        t.add_column(name, justify=justify, no_wrap=i in no_wrap)  # type: ignore[arg-type]
     return t
 
 
@@ -243,7 +244,7 @@ def print_hardware(d: dict[str, Any]) -> None:
     if d["gpus"]:
         t = _table("GPUs (NVML)", ("#", "right"), ("device", "left"), ("total GiB", "right"),
                    ("free GiB", "right"), ("cc", "right"), ("driver", "left"),
-                   ("profile", "left"))
+                   ("profile", "left"), no_wrap=(1,))
         for g in d["gpus"]:
             prof = g["profile"] if g["matched"] else f"{g['profile']} (not in catalogue)"
             free = "?" if g["free_gib"] is None else f"{g['free_gib']:.2f}"

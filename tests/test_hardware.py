@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import types
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from qplan.planner import hardware as H
 from qplan.profiles.gpus import GIB, GpuProfile
 
-Mem = namedtuple("Mem", "total free used")
+from fake_nvml import FakeNVMLError, fake_pynvml
 
 CATALOGUE = [
     GpuProfile("rtx-4060", "NVIDIA GeForce RTX 4060", 8, (8, 9), 60.5, 272, "test",
@@ -23,41 +22,6 @@ CATALOGUE = [
     GpuProfile("a100-80gb", "NVIDIA A100 80GB", 80, (8, 0), 312, 2039, "test",
                nvml_names=("a100",)),
 ]
-
-
-class FakeNVMLError(Exception):
-    pass
-
-
-def fake_pynvml(devices, *, init_error=None, driver="560.35.03", bytes_names=False):
-    """A module object that answers like pynvml for ``devices`` [(name, total, free, cc)]."""
-    m = types.ModuleType("pynvml")
-    m.NVMLError = FakeNVMLError
-    m.calls = []
-
-    def init():
-        m.calls.append("init")
-        if init_error:
-            raise init_error
-
-    def name(h):
-        n = devices[h][0]
-        return n.encode() if bytes_names else n
-
-    m.nvmlInit = init
-    m.nvmlShutdown = lambda: m.calls.append("shutdown")
-    m.nvmlSystemGetDriverVersion = lambda: driver
-    m.nvmlDeviceGetCount = lambda: len(devices)
-    m.nvmlDeviceGetHandleByIndex = lambda i: i
-    m.nvmlDeviceGetName = name
-    m.nvmlDeviceGetMemoryInfo = lambda h: Mem(devices[h][1], devices[h][2], devices[h][1] - devices[h][2])
-
-    def cc(h):
-        if devices[h][3] is None:
-            raise FakeNVMLError("Not Supported")
-        return devices[h][3]
-    m.nvmlDeviceGetCudaComputeCapability = cc
-    return m
 
 
 @pytest.fixture

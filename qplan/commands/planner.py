@@ -188,7 +188,7 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
     d["dataset"] = None if n_tokens is None else {
         "tokens_per_epoch": n_tokens, "approximate": approx, "records": records,
         "epochs": epochs, "source": str(data) if data is not None else "--tokens"}
-    d["wall_time_s"] = (round(n_tokens * epochs / plan.speed.tokens_per_s, 1)
+    d["wall_time_s"] = (round(n_tokens * epochs / plan.speed.tokens_per_s, 3)
                         if n_tokens is not None and plan.speed and plan.speed.tokens_per_s else None)
     if save is not None:
         from qplan.planner.plan import save_plan
