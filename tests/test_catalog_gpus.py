@@ -132,8 +132,9 @@ def test_short_names_do_not_match_inside_longer_ones():
 
 def test_memory_picks_between_plugin_variants():
     """Works for any catalogue, e.g. a plugin's entries sharing one NVML name."""
-    a = GpuProfile("x-24", "X 24GB", 24, (8, 9), 100, 900, "https://example.com", nvml_names=("x1",))
-    b = GpuProfile("x-48", "X 48GB", 48, (8, 9), 100, 900, "https://example.com", nvml_names=("x1",))
+    src = "https://example.com"
+    a = GpuProfile("x-24", "X 24GB", 24, (8, 9), 100, 900, src, nvml_names=("x1",))
+    b = GpuProfile("x-48", "X 48GB", 48, (8, 9), 100, 900, src, nvml_names=("x1",))
     assert match_nvml_name("NVIDIA X1", 47 * GIB, [a, b]) is b
     assert match_nvml_name("NVIDIA X1", 23 * GIB, [a, b]) is a
     assert match_nvml_name("NVIDIA X1", None, [a, b]) is a

@@ -13,9 +13,9 @@ import re
 
 import pytest
 
+from qplan.errors import UnknownModelError
 from qplan.profiles.model_catalog import FAMILIES, builtin_models
 from qplan.profiles.registry import Registry, normalize
-from qplan.errors import UnknownModelError
 
 MODELS = builtin_models()
 IDS = [m.name for m in MODELS]
