@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -468,3 +469,29 @@ def test_qplan_gpus_with_a_duplicate_fails_clearly_and_plugins_still_works(insta
     res = qplan_cli("plugins", "--json")
     assert res.exit_code == 0
     assert "copycat" in json.loads(res.stdout)["catalogue_error"]
+
+
+# --- the guide -------------------------------------------------------------------------------
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+
+
+def test_guide_has_a_section_per_hook():
+    text = GUIDE.read_text()
+    for hook in HOOK_NAMES:
+        assert f"\n### {hook}\n" in text, f"docs/plugins.md has no section for {hook}"
+
+
+def test_guide_python_snippets_parse():
+    import ast
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    assert len(blocks) >= 8
+    for b in blocks:
+        ast.parse(b)
+
+
+def test_guide_quotes_the_real_collision_message():
+    with pytest.raises(PluginError) as e:
+        build_catalog(bare_pm(copycat=gpus_plugin(gpu("rtx-4090"))))
+    assert f"error: {e.value}\n" in GUIDE.read_text()
