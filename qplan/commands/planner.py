@@ -190,6 +190,7 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
         "epochs": epochs, "source": str(data) if data is not None else "--tokens"}
     d["wall_time_s"] = (round(n_tokens * epochs / plan.speed.tokens_per_s, 3)
                         if n_tokens is not None and plan.speed and plan.speed.tokens_per_s else None)
+    d["saved_to"] = None
     if save is not None:
         from qplan.planner.plan import save_plan
 

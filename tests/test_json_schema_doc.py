@@ -1,0 +1,83 @@
+"""docs/json-schema.md documents exactly the keys the commands print (no drift)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fake_nvml import fake_pynvml
+from qplan.cli import cli
+from qplan.profiles.gpus import GIB
+
+DOC = Path(__file__).parent.parent / "docs" / "json-schema.md"
+
+
+def documented() -> dict[str, set[str]]:
+    """Heading -> the keys in the first column of its table."""
+    out: dict[str, set[str]] = {}
+    head = None
+    for line in DOC.read_text().splitlines():
+        if line.startswith("#"):
+            head = line.lstrip("#").strip()
+        m = re.match(r"^\| `([a-z_0-9]+)` \|", line)
+        if m and head:
+            out.setdefault(head, set()).add(m.group(1))
+    return out
+
+
+def js(*args: str, code: int = 0) -> dict:
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == code, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    save = tmp_path_factory.mktemp("p") / "plan.yaml"
+    sug = js("suggest", "--model", "llama-3.2-1b", "--gpu", "rtx-4090", "--tokens", "1000",
+             "--save", str(save))
+    est = js("estimate", "--model", "llama-3.2-1b", "--gpu", "rtx-4090")
+    err = js("suggest", "--model", "llama-3.1-8b", "--gpu", "2GB", code=3)
+    return sug, est, err
+
+
+def test_every_section_is_parsed():
+    doc = documented()
+    assert len(doc) >= 12 and all(doc.values())
+
+
+def test_estimate_and_suggest(outputs):
+    sug, est, _ = outputs
+    doc = documented()
+    assert set(sug) | set(est) == doc["`qplan estimate` and `qplan suggest`"]
+    assert set(sug["terms"][0]) == doc["`terms[]`"]
+    assert set(sug["plan"]) == doc["`plan` (suggest)"]
+    assert set(sug["dataset"]) == doc["`dataset` (suggest with `--data` or `--tokens`)"]
+
+
+def test_errors(outputs):
+    _, _, err = outputs
+    doc = documented()
+    assert set(err) == doc["Errors (any command with `--json`)"]
+    assert set(err["error"]) == doc["`error`"]
+
+
+def test_catalogues():
+    doc = documented()
+    g = js("gpus")
+    assert set(g) == doc["`qplan gpus`"] and set(g["gpus"][0]) == doc["`gpus[]`"]
+    m = js("models")
+    assert set(m) == doc["`qplan models`"] and set(m["models"][0]) == doc["`models[]`"]
+
+
+def test_hw(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml",
+                        fake_pynvml([("NVIDIA GeForce RTX 4090", 24 * GIB, 24 * GIB, (8, 9))]))
+    doc = documented()
+    h = js("hw")
+    assert set(h) == doc["`qplan hw` / `qplan doctor`"]
+    assert set(h["gpus"][0]) == doc["`gpus[]` (detected)"]
