@@ -184,8 +184,14 @@ def fail(err: QplanError, *, as_json: bool) -> None:
     elif isinstance(err, DoesNotFitError):
         render.print_lines([f"does not fit: {err}"], style="bold red")
         if err.estimate is not None:
+            c = err.estimate.config
             render.print_breakdown(render.memory_dict(err.estimate),
                                    title="Smallest configuration tried", fit_line=False)
+            render.print_lines([
+                f"  (batch {c.batch_size}, gradient checkpointing "
+                f"{'on' if c.grad_ckpt else 'off'}, loss {c.loss}, prepare {c.prepare}, "
+                f"optimizer {c.optim}, activation offload "
+                f"{'on' if c.offload_activations else 'off'})"])
         if err.alternatives:
             render.print_lines(["Nearest plans that fit:"] + [f"  {a}" for a in err.alternatives])
         else:
