@@ -421,3 +421,12 @@ def test_errors_from_any_command_are_messages():
         assert "boom: bad input from a plugin command" in r.output
     finally:
         cli.commands.pop("boom-test", None)
+
+
+def test_estimate_hint_walks_the_oom_ladder():
+    """A configuration far over the card gets the first safer one that fits, with the steps."""
+    args = ["estimate", "--model", BIG, "--gpu", "rtx-4090", "--batch", "16", "--no-grad-ckpt"]
+    d = run_json(*args, code=3)
+    assert d["hint"] and d["hint"].startswith("fits (") and "per-device batch 16 -> 8" in d["hint"]
+    assert "hint: fits" in run(*args, code=3).output
+    assert run_json("estimate", "--model", BIG, "--gpu", "2GB", code=3)["hint"] is None

@@ -237,9 +237,12 @@ Examples:
 
 
 def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
-    """Walk the OOM ladder from ``cfg`` to the first configuration that fits, if any."""
+    """Walk the OOM ladder from ``cfg`` to the first configuration that fits with the margin
+    `qplan suggest` keeps, if any."""
     from qplan import api
+    from qplan.planner.search import usable_bytes
 
+    limit = usable_bytes(gpu, capacity_bytes)
     changes = []
     for _ in range(16):
         step = api.next_safer_config(cfg, allow_shorter_seq=True)
@@ -248,7 +251,7 @@ def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
         cfg, why = step
         changes.append(why)
         est = api.estimate(m, gpu, cfg, capacity_bytes=capacity_bytes)
-        if est.fits:
+        if est.memory.peak_bytes <= limit:
             return (f"fits ({est.memory.peak_gib:.2f} GiB) after: " + "; ".join(changes)
                     + ". Or let `qplan suggest` search.")
     return None
