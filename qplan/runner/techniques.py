@@ -70,6 +70,9 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     gradients reach the inputs so checkpointed blocks have something to differentiate.
     """
     ckpt_kwargs = {"use_reentrant": False}
+    # from_pretrained returns the model in eval mode, where transformers skips
+    # checkpointing and LoRA dropout is inactive: training needs train mode.
+    model.train()
     if cfg.prepare == "kbit" and cfg.quant != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -158,17 +161,21 @@ def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int | 
     return total / n
 
 
-def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=None):
+def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=None,
+                   position_ids=None):
     """The training loss of one micro-batch under ``cfg.loss``.
 
     ``standard``: the model's own forward with labels (transformers' ``ForCausalLMLoss``,
     float32 logits for the whole batch). ``fused``: the decoder's hidden states go through
-    :func:`chunked_cross_entropy`, which never holds the full logits.
+    :func:`chunked_cross_entropy`, which never holds the full logits. ``position_ids``
+    restarting at 0 mark packed sequences (attention stays within each).
     """
     if cfg.loss == "standard":
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, labels=labels).loss
     decoder, head, cap = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids).last_hidden_state
     shift_h = hidden[:, :-1, :]
     shift_y = labels[:, 1:]
     return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap)
@@ -193,6 +200,7 @@ def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
     import torch
 
     dev = next(p for p in model.parameters()).device.type
+    model.train()
     losses = []
     for input_ids, labels in batches:
         with torch.autocast(dev, dtype=torch_dtype(cfg)), activation_offload(cfg):
