@@ -178,67 +178,66 @@ def saved_activations(model: ModelProfile, cfg: TrainConfig) -> int:
 
 
 def layer_activation_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> float:
-    """Bytes autograd saves per token inside one block, without checkpointing.
+    """Bytes autograd keeps per token inside one block, without checkpointing.
 
-    Counted tensor by tensor for a Llama-style block under bf16 autocast: the two RMSNorms
-    keep their float32 input; q/k/v/o, gate/up/down keep the 16-bit input each LoRA adapter
-    needs; RoPE and attention keep q, k, v and the output; SiLU and the gate*up product keep
-    three intermediate-size tensors. LoRA dropout adds a mask and a dropped copy of each
-    adapted input. Coefficients in :mod:`.calibration` were checked against measurements.
+    Under bf16 autocast a Llama-style block keeps, per token: the float32 inputs of its
+    RMSNorms, the 16-bit inputs each LoRA adapter needs, q/k/v after RoPE and the attention
+    output, and the MLP's gate/up/activation tensors. With ``prepare=kbit`` the residual
+    stream is float32 (float32 embeddings), and bitsandbytes returns each projection in the
+    input's dtype, so the q/k/v and MLP tensors are float32 too. LoRA dropout keeps a mask
+    and a dropped copy of each adapted input.
+
+    Measured, not guessed: the coefficients (bytes per element of the intermediate size,
+    of the q/k/v width, and of each adapted input under dropout) were fitted to the
+    no-checkpointing runs of ``benchmarks/results/raw`` (5 architectures, 1B to 8B, residuals
+    within 2%); see :mod:`.calibration`.
     """
-    h, i = model.hidden_size, model.intermediate_size
-    q, kv = model.q_size, model.kv_size
-    targets = model.resolve_targets(cfg.lora_targets)
-    rb = _residual_bytes(cfg)
-    per = 0.0
-    per += model.norms_per_layer * (4 * h)  # norm input upcast to float32
-    per += 2 * rb * h / 2  # residual copies
-    per += 2 * h * 2  # normalized inputs of attention and MLP (16-bit)
-    per += 2 * (q + 2 * kv) * 2  # q, k, v after RoPE, kept by attention
-    per += 2 * q * 2  # attention output, input of o_proj
-    per += C.ATTN_EXTRA_PER_TOKEN.get(cfg.attn, 0) * q
-    per += 3 * i * 2  # gate, up outputs and act*up product
-    if cfg.attn == "eager":
-        # attention probabilities: heads x s per token (16-bit) + dropout-free softmax copy
-        per += 2 * 2 * model.num_attention_heads * cfg.seq_len
+    c = C.ACT_COEF[cfg.prepare if cfg.prepare in C.ACT_COEF else "lean"]
+    per = c["i"] * model.intermediate_size + c["qkv"] * (model.q_size + 2 * model.kv_size)
     if cfg.lora_dropout > 0:
         ins = {s.name: s.in_features for s in model.linear_shapes()}
-        # dropout keeps a 1-byte mask and the dropped 16-bit copy of each adapted input
-        per += sum(3 * ins[t] for t in targets)
-    return per * C.ACT_SCALE
+        per += c["dropout"] * sum(ins[t] for t in model.resolve_targets(cfg.lora_targets))
+    if cfg.attn == "eager":
+        # eager attention keeps the probabilities (16-bit) and their float32 softmax:
+        # heads x seq per token. Not measured on the GPU: an analytic count.
+        per += 6 * model.num_attention_heads * cfg.seq_len
+    return per
 
 
-def recompute_working_set(model: ModelProfile, cfg: TrainConfig) -> int:
-    """Transient memory while one block runs its forward (or recomputed forward) and backward.
+def block_backward_peak(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Transient memory while one block runs its backward pass.
 
-    With checkpointing, the block under backward is recomputed, so one block's full
-    activations exist at once, plus their gradients; the dequantized 16-bit copy of the
-    largest weight exists during each matmul.
+    With checkpointing, the block is first recomputed, so one block's full activations
+    exist at once, plus the gradients flowing through it: measured as
+    ``BLOCK_BACKWARD_FACTOR`` times one block's activations. Without checkpointing those
+    activations are already counted in :func:`saved_activations`.
     """
+    if not cfg.grad_ckpt:
+        return 0
     t = _tokens(cfg)
-    per_tok = layer_activation_bytes_per_token(model, cfg)
-    largest_weight = max(s.weight_params for s in model.linear_shapes()) * 2
-    grads = t * (2 * model.intermediate_size * 2 + model.hidden_size * 4)
-    if cfg.grad_ckpt:
-        return int(t * per_tok + grads + largest_weight)
-    return int(grads + largest_weight)
+    return int(C.BLOCK_BACKWARD_FACTOR * t * layer_activation_bytes_per_token(model, cfg))
 
 
 def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     """The output layer and the cross-entropy at their peak.
 
-    Standard (transformers' ``ForCausalLMLoss``): 16-bit logits (b x s x vocab), a float32
-    upcast, log-softmax saved in float32, and in backward a float32 gradient and its 16-bit
-    cast: about ``LOGITS_STANDARD_BYTES`` bytes per logit. Fused (Liger's fused linear cross
-    entropy or qplan's chunked loss) never holds the full logits: one chunk of rows at a
-    time, plus the float32 gradient of the final hidden states.
+    Standard (transformers' ``ForCausalLMLoss``): 16-bit logits (b x s x vocab), their
+    float32 upcast, the float32 log-softmax kept for backward and the float32 gradient:
+    measured at ``LOGITS_STANDARD_BYTES`` bytes per logit. Fused (qplan's chunked loss, or
+    Liger's fused linear cross entropy) holds one chunk of rows at a time
+    (``FUSED_CHUNK_ELEMENTS`` logits). With ``prepare=kbit`` the float32 lm_head is cast to
+    16-bit for every use under autocast: one more vocab x hidden 16-bit copy.
     """
     t = _tokens(cfg)
     v = model.vocab_size
     if cfg.loss == "fused":
-        chunk = min(t, max(64, C.FUSED_CHUNK_ELEMENTS // v))
-        return int(chunk * v * C.LOGITS_FUSED_BYTES + t * model.hidden_size * 4)
-    return int(t * v * C.LOGITS_STANDARD_BYTES)
+        rows = min(t, max(64, C.FUSED_CHUNK_ELEMENTS // v))
+        peak = rows * v * C.LOGITS_STANDARD_BYTES
+    else:
+        peak = t * v * C.LOGITS_STANDARD_BYTES
+    if cfg.prepare == "kbit":
+        peak += 2 * v * model.hidden_size
+    return int(peak)
 
 
 def cuda_context(gpu: GpuProfile | None) -> int:
@@ -247,12 +246,18 @@ def cuda_context(gpu: GpuProfile | None) -> int:
     return int(C.CUDA_CONTEXT_GIB * GIB)
 
 
-def allocator_overhead(model: ModelProfile, cfg: TrainConfig, transient: int) -> int:
-    """What the caching allocator reserves beyond what is allocated (fragmentation,
-    rounding, cached blocks). A fraction of the transient (activation and logits) memory;
-    smaller with ``expandable_segments``. Measured; see :mod:`.calibration`."""
+def allocator_overhead(model: ModelProfile, cfg: TrainConfig, dynamic: int) -> int:
+    """What the caching allocator reserves beyond what is allocated at the peak.
+
+    Mostly the large, short-lived logits buffers of the standard loss, which leave
+    reserved segments behind (``FRAG_LOGITS`` of them), plus a fraction of the other
+    step-to-step memory; the default allocator (no ``expandable_segments``) fragments more.
+    Measured; see :mod:`.calibration`.
+    """
+    logits = _tokens(cfg) * model.vocab_size * C.LOGITS_STANDARD_BYTES if cfg.loss == "standard" else 0
     frac = C.FRAG_EXPANDABLE if cfg.expandable_segments else C.FRAG_DEFAULT
-    return int(transient * frac + C.ALLOC_FIXED_GIB * GIB)
+    fixed = C.ALLOC_FIXED_GIB if cfg.expandable_segments else C.ALLOC_FIXED_DEFAULT_GIB
+    return int(C.FRAG_LOGITS * logits + frac * max(0, dynamic - logits) + fixed * GIB)
 
 
 # ---------------------------------------------------------------------------
@@ -274,9 +279,9 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
             f"flash_attention_2 needs compute capability 8.0 or newer; {gpu.name} has "
             f"{gpu.cc_str}. Use --attn sdpa.")
     act = saved_activations(model, cfg)
-    work = recompute_working_set(model, cfg)
+    work = block_backward_peak(model, cfg)
     logits = logits_and_loss(model, cfg)
-    # The logits peak and the block-backward peak do not overlap: the loss backward
+    # The loss peak and a block's backward peak do not overlap: the loss backward
     # finishes (and frees its float32 buffers) before the last block's backward starts.
     transient = max(work, logits)
     terms = [
@@ -295,7 +300,7 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
                    saved_activations.__doc__.split("\n")[0]),
         MemoryTerm("logits_or_working_set",
                    "logits and loss" if logits >= work else "block backward working set",
-                   transient, "the larger of the loss peak and one block's backward peak"),
+                   transient, "the larger of the loss peak and one recomputed block's backward"),
         MemoryTerm("allocator_overhead", "allocator overhead",
                    allocator_overhead(model, cfg, act + transient),
                    allocator_overhead.__doc__.split("\n")[0]),
