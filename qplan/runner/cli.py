@@ -1,0 +1,128 @@
+"""``qplan run`` and ``qplan merge``: thin commands over :mod:`qplan.runner`.
+
+Registered through the ``register_commands`` hook (this module is one of qplan's
+built-in plugins). Importing it is cheap: torch loads only when a command runs.
+"""
+from __future__ import annotations
+
+import click
+
+from qplan.commands.common import handles_errors, knob_options, knob_values
+from qplan.plugins.hookspecs import hookimpl
+
+RUN_EXAMPLES = """
+\b
+Examples:
+  qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl
+  qplan run --model ./my-model --data chat.jsonl --completion-only --seq 1024 --max-steps 500
+  qplan run --plan plan.yaml --data train.jsonl --batch 2 --output runs/try2
+  qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl --simulate-gpu rtx-4060
+  qplan run --resume runs/Llama-3.1-8B-20261126-101500
+"""
+
+MERGE_EXAMPLES = """
+\b
+Examples:
+  qplan merge --adapter runs/Llama-3.1-8B-20261126-101500 --output merged/
+  qplan merge --adapter runs/try2 --base ./my-model --output merged/ --dtype fp16
+"""
+
+EXIT_INTERRUPTED = 130
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(run_command)
+    cli.add_command(merge_command)
+
+
+@click.command("run", epilog=RUN_EXAMPLES)
+@click.option("--model", help="hub id or local model directory (config.json, weights, tokenizer)")
+@click.option("--data", type=click.Path(), help=".jsonl (text, prompt/completion, Alpaca or "
+              "chat records) or a `datasets` directory")
+@click.option("--plan", "plan_file", type=click.Path(), help="a plan saved by `qplan suggest --save`")
+@knob_options(defaults=False)
+@click.option("--effective-batch", type=click.IntRange(min=1),
+              help="rows per optimizer step when qplan chooses the plan (default 16)")
+@click.option("--output", type=click.Path(), help="run folder (default ./runs/<model>-<time>)")
+@click.option("--max-steps", type=click.IntRange(min=1), help="optimizer steps (default: --epochs)")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="peak learning rate")
+@click.option("--eval-data", type=click.Path(), help="evaluation data (same formats)")
+@click.option("--eval-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="hold out this share of --data for evaluation")
+@click.option("--completion-only", is_flag=True, help="loss on the answers only")
+@click.option("--skip-bad-lines", is_flag=True, help="leave out malformed records instead of stopping")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="put several examples in one row (attention stays within each)")
+@click.option("--allow-shorter-seq", is_flag=True,
+              help="after out-of-memory errors, a shorter sequence may be tried (last resort)")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="training processes to try before giving up on out-of-memory errors")
+@click.option("--save-steps", type=click.IntRange(min=1),
+              help="checkpoint every N steps (default: about 10 per run, at most every 100)")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--simulate-gpu", help="cap this GPU's memory to what that card leaves PyTorch "
+              "(e.g. rtx-4060); needs a bigger CUDA GPU")
+@click.option("--gpu", help="plan for this card (catalogue name or memory size) instead of "
+              "the detected one")
+@click.option("--cpu", is_flag=True, help="train on CPU even if a GPU is present (slow)")
+@click.option("--resume", type=click.Path(), help="continue the run in this folder")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@handles_errors
+def run_command(model, data, plan_file, effective_batch, output, max_steps, epochs, lr,
+                eval_data, eval_split, completion_only, skip_bad_lines, packing,
+                allow_shorter_seq, max_attempts, save_steps, seed, simulate_gpu, gpu, cpu,
+                resume, quiet, **knobs):
+    """Fine-tune with a plan that fits: QLoRA with transformers + peft + bitsandbytes.
+
+    Plans for the detected GPU (or uses --plan; any setting can be overridden by its flag),
+    trains in a child process, and after a CUDA out-of-memory error continues from the
+    last checkpoint with safer settings (same effective batch). Writes the adapter,
+    tokenizer, plan.yaml, report.json and summary.md to --output.
+    """
+    from qplan.errors import RunError
+    from qplan.runner.report import summary_text
+    from qplan.runner.run import run
+    from qplan.runner.types import INTERRUPTED, RunRequest
+
+    overrides = knob_values(knobs)
+    if resume and (model or data or plan_file or overrides):
+        click.echo("note: --resume continues with the run's own model, data and settings; "
+                   "the others given are ignored", err=True)
+    req = RunRequest(model=model, data=data, plan=plan_file, overrides=overrides,
+                     effective_batch=effective_batch, output=output, max_steps=max_steps,
+                     epochs=epochs, lr=lr, eval_data=eval_data, eval_split=eval_split,
+                     completion_only=completion_only, skip_bad_lines=skip_bad_lines,
+                     packing=packing, allow_shorter_seq=allow_shorter_seq,
+                     max_attempts=max_attempts, save_steps=save_steps, seed=seed,
+                     simulate_gpu=simulate_gpu, gpu=gpu, cpu=cpu, resume=resume,
+                     progress=not quiet)
+    try:
+        report = run(req, notify=click.echo)
+    except RunError as e:
+        rep = getattr(e, "report", None)
+        if rep is not None:
+            click.echo(summary_text(rep).rsplit("\n\n", 1)[0], err=True)
+        raise
+    click.echo("")
+    click.echo(summary_text(report))
+    if report.status == INTERRUPTED:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+@click.command("merge", epilog=MERGE_EXAMPLES)
+@click.option("--adapter", required=True, type=click.Path(), help="adapter folder (a run's --output)")
+@click.option("--output", required=True, type=click.Path(), help="folder for the merged model")
+@click.option("--base", help="base model (default: the one named in adapter_config.json)")
+@click.option("--dtype", type=click.Choice(("bf16", "fp16", "fp32")), default="bf16",
+              show_default=True, help="dtype of the merged weights")
+@handles_errors
+def merge_command(adapter, output, base, dtype):
+    """Merge a LoRA adapter into its 16-bit base model (peft merge_and_unload) and save the
+    model and tokenizer, ready to serve without peft."""
+    from qplan.runner.merge import merge
+
+    r = merge(adapter, output, base=base, dtype=dtype)
+    click.echo(f"merged {r.adapter} into {r.base} ({r.dtype}, {r.parameters:,} parameters): {r.output}")

@@ -1,0 +1,163 @@
+"""Memory measured while training (in the training process), and the progress display.
+
+On a GPU: PyTorch's counters (``max_memory_reserved`` is what the caching allocator held,
+``max_memory_allocated`` what tensors used) and NVML's view of this process, which also
+counts the CUDA context and kernels (what ``nvidia-smi`` shows), sampled every 20 ms by a
+thread. On CPU there is no device memory; the process's resident memory (RSS) is reported.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+GIB = 1024**3
+
+
+class MemoryMonitor:
+    def __init__(self, cuda: bool, interval_s: float = 0.02):
+        self.cuda = cuda
+        self.interval_s = interval_s
+        self.nvml_peak = 0
+        self.nvml_context = None  # bytes in use after CUDA started, before the model
+        self.rss_peak = 0
+        self._handle = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        import psutil
+
+        self._proc = psutil.Process()
+
+    # -- sampling ------------------------------------------------------------
+    def _nvml_used(self) -> int | None:
+        if self._handle is None:
+            return None
+        import pynvml
+
+        try:
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                    return int(p.usedGpuMemory)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except pynvml.NVMLError:
+            return None
+
+    def sample(self) -> None:
+        try:
+            self.rss_peak = max(self.rss_peak, self._proc.memory_info().rss)
+        except Exception:  # noqa: BLE001 - a failed sample is just skipped
+            pass
+        used = self._nvml_used()
+        if used is not None:
+            self.nvml_peak = max(self.nvml_peak, used)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> "MemoryMonitor":
+        if self.cuda:
+            import torch
+
+            torch.zeros(1, device="cuda")  # start the CUDA context
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                uuid = str(torch.cuda.get_device_properties(0).uuid)
+                try:
+                    self._handle = pynvml.nvmlDeviceGetHandleByUUID(
+                        uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+                except pynvml.NVMLError:
+                    self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self.nvml_context = self._nvml_used()
+            except Exception:  # noqa: BLE001 - no NVML: PyTorch's counters only
+                self._handle = None
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="qplan-memory")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        self.sample()
+
+    # -- readings -----------------------------------------------------------
+    def current(self) -> tuple[float, float]:
+        """(current, peak) in GiB: reserved device memory on a GPU, RSS on CPU."""
+        if self.cuda:
+            import torch
+
+            return torch.cuda.memory_reserved() / GIB, torch.cuda.max_memory_reserved() / GIB
+        rss = self._proc.memory_info().rss
+        self.rss_peak = max(self.rss_peak, rss)
+        return rss / GIB, self.rss_peak / GIB
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"host_rss_peak_gib": round(self.rss_peak / GIB, 3)}
+        if not self.cuda:
+            out["device"] = "cpu"
+            out["device_memory"] = "n/a (training on CPU)"
+            return out
+        import torch
+
+        out["device"] = torch.cuda.get_device_name(0)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+        if self._handle is not None:
+            out["nvml_peak_gib"] = round(self.nvml_peak / GIB, 3)
+            if self.nvml_context is not None:
+                out["cuda_context_gib"] = round(self.nvml_context / GIB, 3)
+        return out
+
+
+class Progress:
+    """A rich progress bar (on a terminal) or one line every few steps (in a log)."""
+
+    def __init__(self, total: int, start: int, attempt: int, enabled: bool = True):
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.total, self.enabled, self.attempt = total, enabled, attempt
+        self.every = max(1, total // 20)
+        self._bar = None
+        if enabled and self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn(f"attempt {attempt}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                     console=self.console)
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            self.console.print(f"step {step}/{self.total}  {info}")
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def step_info(loss: float, tokens_per_s: float, mem: tuple[float, float], cuda: bool) -> str:
+    what = "GPU" if cuda else "RSS"
+    return (f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {what} {mem[0]:.2f} GiB "
+            f"(peak {mem[1]:.2f})")
+
+
+def now() -> float:
+    return time.perf_counter()

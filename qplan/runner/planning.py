@@ -1,0 +1,187 @@
+"""Which settings a run starts with, on which device, and what comes after an OOM.
+
+No torch here: the parent process plans; only the training child imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qplan import api
+from qplan.errors import BadInputError, RunError
+from qplan.planner.config import TrainConfig
+from qplan.planner.plan import Plan, load_plan
+from qplan.profiles.gpus import GpuProfile
+from qplan.profiles.models import ModelProfile
+
+# The card whose plan picks the settings when training on CPU (memory is not limited there).
+CPU_PLANNING_GPU = "rtx-4090"
+DEFAULT_SEQ = 2048
+DEFAULT_EFFECTIVE_BATCH = 16
+
+
+@dataclass
+class Setup:
+    """The plan a run starts with and where it runs."""
+
+    plan: Plan
+    gpu: GpuProfile  # the profile the plan (and the estimates) are for
+    device: str  # "cuda" or "cpu"
+    device_name: str
+    simulate: dict[str, Any] | None = None  # {"name", "card_bytes", "context_bytes"}
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_cuda() -> tuple[str | None, Any]:
+    """(name of GPU 0, its DetectedGpu) from NVML, or (None, hardware notes)."""
+    from qplan.planner.hardware import probe
+
+    hw = probe()
+    if hw.gpus:
+        return hw.gpus[0].name, (hw.gpus[0], hw)
+    return None, hw
+
+
+def simulation(gpu: GpuProfile) -> dict[str, Any]:
+    """The allocator cap that makes a big GPU look like ``gpu``: the card's memory less the
+    CUDA context the planner assumes for it (what the card leaves to PyTorch)."""
+    from qplan.planner.memory import cuda_context
+
+    ctx = cuda_context(gpu)
+    return {"name": gpu.name, "card_bytes": gpu.memory_bytes, "context_bytes": ctx,
+            "cap_bytes": gpu.memory_bytes - ctx}
+
+
+def _cpu_settings(cfg: TrainConfig, notes: list[str]) -> TrainConfig:
+    changes: dict[str, Any] = {}
+    if cfg.compute_dtype != "bf16":
+        changes["compute_dtype"] = "bf16"
+    if cfg.attn == "flash_attention_2":
+        changes["attn"] = "sdpa"
+    if changes:
+        notes.append("on CPU: " + ", ".join(f"{k} -> {v}" for k, v in changes.items()))
+        cfg = cfg.with_(**changes)
+    return cfg
+
+
+def choose(*, model_ref: str, profile: ModelProfile, plan_file: str | None,
+           overrides: dict[str, Any], effective_batch: int | None, gpu_name: str | None,
+           simulate_gpu: str | None, cpu: bool, pm=None) -> Setup:
+    """The starting plan: ``plan_file`` with ``overrides`` applied, or the planner's choice
+    for the GPU (detected, named, or simulated) with ``overrides`` held fixed."""
+    notes: list[str] = []
+    detected = None
+    if not cpu:
+        name, info = detect_cuda()
+        if name is not None:
+            detected = info[0]
+    device = "cuda" if detected is not None else "cpu"
+    if simulate_gpu and device == "cpu":
+        why = "--cpu was given" if cpu else "no NVIDIA GPU was found on this machine"
+        raise RunError(f"--simulate-gpu {simulate_gpu} caps a real GPU's memory to that card's, "
+                       f"but {why}. Run it on a machine with a bigger GPU, or plan without "
+                       f"training: qplan suggest --gpu {simulate_gpu}")
+    if simulate_gpu:
+        gpu = api.get_gpu(simulate_gpu, pm=pm)
+        if detected is not None and detected.total_bytes < gpu.memory_bytes:
+            raise RunError(f"--simulate-gpu {gpu.name} needs a GPU with at least "
+                           f"{gpu.memory_gib:g} GiB; GPU 0 ({detected.name}) has "
+                           f"{detected.total_gib:.1f} GiB")
+    elif gpu_name:
+        gpu = api.get_gpu(gpu_name, pm=pm)
+    elif detected is not None:
+        gpu = detected.profile
+        notes.append(f"detected GPU 0: {detected.name} -> profile {gpu.name}")
+    else:
+        gpu = api.get_gpu(CPU_PLANNING_GPU, pm=pm)
+    if device == "cpu":
+        notes.append(f"training on CPU: settings planned for {gpu.name} only to choose them; "
+                     "CPU memory is not limited by the plan")
+    flash = bool(detected is not None and _has_flash_attn())
+
+    if plan_file:
+        loaded = load_plan(plan_file)
+        try:
+            cfg = loaded.config.with_(**overrides)
+        except (TypeError, BadInputError) as e:
+            raise BadInputError(f"--plan {plan_file}: overrides: {e}") from None
+        if device == "cpu":
+            cfg = _cpu_settings(cfg, notes)
+        plan = api.make_plan(profile, gpu, cfg, target=cfg.effective_batch, model_ref=model_ref,
+                             pm=pm)
+        notes.append(f"settings from {plan_file}" + (f" with {', '.join(sorted(overrides))} "
+                                                     "overridden" if overrides else ""))
+        if plan.memory is not None and not plan.memory.fits and device == "cuda":
+            notes.append(f"the plan's estimate ({plan.memory.peak_gib:.1f} GiB) exceeds "
+                         f"{gpu.name}; the run will make it safer if it runs out of memory")
+    else:
+        fixed = dict(overrides)
+        seq = fixed.pop("seq_len", None) or min(DEFAULT_SEQ, profile.max_position_embeddings)
+        if "batch_size" in fixed and "grad_accum" in fixed:
+            target = fixed["batch_size"] * fixed["grad_accum"]
+        else:
+            target = effective_batch or DEFAULT_EFFECTIVE_BATCH
+        if device == "cpu":
+            fixed.setdefault("compute_dtype", "bf16")
+            if fixed.get("attn") == "flash_attention_2":
+                fixed["attn"] = "sdpa"
+        plan = api.suggest(profile, gpu, seq_len=seq, target_effective_batch=target,
+                           fixed=fixed, flash_attn_available=flash, model_ref=model_ref, pm=pm)
+        cfg = plan.config
+        if device == "cpu":
+            cfg = _cpu_settings(cfg, notes)
+            plan = api.make_plan(profile, gpu, cfg, target=target, model_ref=model_ref, pm=pm)
+        if cfg.effective_batch != target:
+            notes.append(f"effective batch {cfg.effective_batch} (asked {target}: not a multiple "
+                         f"of the per-device batch {cfg.batch_size})")
+    device_name = detected.name if detected is not None else "CPU"
+    return Setup(plan=plan, gpu=gpu, device=device, device_name=device_name,
+                 simulate=simulation(gpu) if simulate_gpu else None, notes=notes)
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def next_config(plan: Plan, model: ModelProfile, gpu: GpuProfile, *, attempt: int,
+                error: BaseException, allow_shorter_seq: bool, pm=None
+                ) -> tuple[TrainConfig, str] | None:
+    """The configuration to try after ``plan`` ran out of memory, and why.
+
+    The plugins' ``on_out_of_memory`` hook answers first; a proposal that changes the
+    effective batch, or shortens the sequence without ``allow_shorter_seq``, or changes
+    nothing, is set aside (with the reason) for qplan's own ladder,
+    :func:`qplan.api.next_safer_config`. None when nothing is left to try.
+    """
+    from qplan.plugins.calls import propose_after_oom
+    from qplan.plugins.manager import get_plugin_manager
+
+    cfg = plan.config
+    found = propose_after_oom(pm or get_plugin_manager(), plan=plan, model=model, gpu=gpu,
+                              attempt=attempt, error=error)
+    set_aside = ""
+    if found is not None:
+        new, who = found
+        if new.effective_batch != cfg.effective_batch:
+            set_aside = (f"{who} proposed effective batch {new.effective_batch}, but a run keeps "
+                         f"it at {cfg.effective_batch}; ")
+        elif new.seq_len < cfg.seq_len and not allow_shorter_seq:
+            set_aside = (f"{who} proposed a shorter sequence ({new.seq_len}), which needs "
+                         "--allow-shorter-seq; ")
+        elif new.seq_len > cfg.seq_len:
+            set_aside = f"{who} proposed a longer sequence ({new.seq_len}); "
+        elif new == cfg:
+            set_aside = f"{who} proposed the same settings; "
+        else:
+            return new, f"{_diff(cfg, new)} ({who})"
+    nxt = api.next_safer_config(cfg, allow_shorter_seq=allow_shorter_seq)
+    if nxt is None:
+        return None
+    return nxt[0], set_aside + nxt[1]
+
+
+def _diff(a: TrainConfig, b: TrainConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k} {da[k]} -> {db[k]}" for k in da if da[k] != db[k])
