@@ -1,0 +1,193 @@
+"""The OOM ladder (api.next_safer_config): every rung keeps the effective batch, never needs
+more memory, follows SAFER_STEPS in order, and the ladder ends."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qplan import api
+from qplan.api import SAFER_STEPS, next_safer_config
+from qplan.planner import config as K
+from qplan.planner.config import TrainConfig
+from qplan.planner.memory import estimate_memory
+
+DENSE = [m for m in api.catalog().models if not m.is_moe]
+
+LARGE = TrainConfig(seq_len=8192, batch_size=16, grad_accum=2, grad_ckpt=False,
+                    optim="adamw_torch", loss="standard", prepare="kbit",
+                    expandable_segments=False, offload_activations=False)
+
+
+def ladder(cfg: TrainConfig, *, allow_shorter_seq: bool = False, limit: int = 100):
+    """Every (config, reason) the ladder visits from ``cfg``, until it returns None."""
+    out = []
+    for _ in range(limit):
+        nxt = next_safer_config(cfg, allow_shorter_seq=allow_shorter_seq)
+        if nxt is None:
+            return out
+        cfg, why = nxt
+        out.append((cfg, why))
+    raise AssertionError(f"ladder did not end within {limit} steps")
+
+
+def bound(cfg: TrainConfig, allow_shorter_seq: bool) -> int:
+    """Rungs at most: halvings of the batch (+1 for an odd batch), one per other knob,
+    halvings of the sequence down to 256."""
+    n = math.ceil(math.log2(cfg.batch_size)) + 1 + 6
+    if allow_shorter_seq:
+        n += max(0, math.ceil(math.log2(max(cfg.seq_len, 256) / 256)))
+    return n
+
+
+def step_name(a: TrainConfig, b: TrainConfig) -> str:
+    """Which SAFER_STEPS entry turned ``a`` into ``b`` (exactly one knob group changes)."""
+    changed = {f for f in a.to_dict() if getattr(a, f) != getattr(b, f)}
+    names = {
+        frozenset({"batch_size", "grad_accum"}): "halve_batch",
+        frozenset({"grad_ckpt"}): "grad_ckpt",
+        frozenset({"optim"}): "paged_optimizer",
+        frozenset({"loss"}): "fused_loss",
+        frozenset({"prepare"}): "lean_prepare",
+        frozenset({"expandable_segments"}): "expandable_segments",
+        frozenset({"offload_activations"}): "offload_activations",
+        frozenset({"seq_len"}): "shorter_seq",
+    }
+    assert frozenset(changed) in names, f"unexpected change {sorted(changed)}"
+    return names[frozenset(changed)]
+
+
+@st.composite
+def configs(draw) -> TrainConfig:
+    return TrainConfig(
+        seq_len=draw(st.integers(1, 32_768)),
+        batch_size=draw(st.integers(1, 64)),
+        grad_accum=draw(st.integers(1, 16)),
+        lora_rank=draw(st.sampled_from([8, 16, 64])),
+        lora_dropout=draw(st.sampled_from([0.0, 0.1])),
+        grad_ckpt=draw(st.booleans()),
+        optim=draw(st.sampled_from(K.OPTIMIZERS)),
+        prepare=draw(st.sampled_from(K.PREPARE_MODES)),
+        loss=draw(st.sampled_from(K.LOSS_MODES)),
+        attn=draw(st.sampled_from(K.ATTN_IMPLS)),
+        quant=draw(st.sampled_from(K.QUANT_TYPES)),
+        expandable_segments=draw(st.booleans()),
+        offload_activations=draw(st.booleans()),
+    )
+
+
+FAST = settings(max_examples=80, deadline=None)
+
+
+# ---- from one large configuration ---------------------------------------------------
+@pytest.mark.parametrize("allow", [False, True])
+def test_ladder_from_a_large_config_visits_every_rung_in_order(allow):
+    steps = ladder(LARGE, allow_shorter_seq=allow)
+    names = [step_name(a, b) for a, b in zip([LARGE] + [c for c, _ in steps], [c for c, _ in steps])]
+    expected = ["halve_batch"] * 4 + list(SAFER_STEPS[1:-1])
+    if allow:
+        expected += ["shorter_seq"] * 5  # 8192 -> 4096 -> ... -> 256
+    assert names == expected
+    last = steps[-1][0]
+    assert (last.batch_size, last.grad_accum) == (1, 32)
+    assert last.grad_ckpt and last.optim == "paged_adamw_8bit" and last.loss == "fused"
+    assert last.prepare == "lean" and last.expandable_segments and last.offload_activations
+    assert last.seq_len == (256 if allow else LARGE.seq_len)
+
+
+@pytest.mark.parametrize("model", DENSE, ids=lambda m: m.name)
+def test_ladder_never_needs_more_memory_for_any_dense_model(model):
+    start = LARGE.with_(seq_len=min(LARGE.seq_len, model.max_position_embeddings))
+    prev = estimate_memory(model, start).peak_bytes
+    for cfg, why in ladder(start, allow_shorter_seq=True):
+        now = estimate_memory(model, cfg).peak_bytes
+        assert now <= prev, f"{model.name}: '{why}' raised the estimate"
+        prev = now
+
+
+def test_every_rung_explains_itself():
+    for cfg, why in ladder(LARGE, allow_shorter_seq=True):
+        assert isinstance(why, str) and why.strip()
+    b = next_safer_config(TrainConfig(batch_size=8, grad_accum=2))
+    assert b is not None and "effective batch stays 16" in b[1]
+
+
+def test_fully_safe_config_has_nothing_left():
+    safest = TrainConfig(batch_size=1, grad_ckpt=True, optim="paged_adamw_8bit", loss="fused",
+                         prepare="lean", expandable_segments=True, offload_activations=True,
+                         seq_len=256)
+    assert next_safer_config(safest) is None
+    assert next_safer_config(safest, allow_shorter_seq=True) is None
+    assert next_safer_config(safest.with_(seq_len=4096)) is None
+
+
+@pytest.mark.parametrize("b,accum", [(3, 5), (5, 1), (6, 1), (7, 3), (12, 2)])
+def test_odd_batch_keeps_the_effective_batch(b, accum):
+    cfg = TrainConfig(batch_size=b, grad_accum=accum)
+    for nxt, _ in ladder(cfg):
+        assert nxt.effective_batch == b * accum
+    assert ladder(cfg)[-1][0].batch_size == 1
+
+
+@pytest.mark.parametrize("seq,after", [(4096, 2048), (300, 256), (257, 256)])
+def test_shorter_sequence_halves_but_not_below_256(seq, after):
+    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True)
+    nxt = next_safer_config(cfg, allow_shorter_seq=True)
+    assert nxt is not None and nxt[0].seq_len == after
+    assert next_safer_config(cfg) is None
+
+
+@pytest.mark.parametrize("seq", [1, 100, 256])
+def test_short_sequence_is_never_shortened(seq):
+    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True)
+    assert next_safer_config(cfg, allow_shorter_seq=True) is None
+
+
+# ---- from any configuration -----------------------------------------------------------
+@FAST
+@given(configs(), st.booleans())
+def test_ladder_keeps_effective_batch_and_ends(cfg, allow):
+    steps = ladder(cfg, allow_shorter_seq=allow, limit=200)
+    assert len(steps) <= bound(cfg, allow)
+    for nxt, _ in steps:
+        assert nxt.effective_batch == cfg.effective_batch
+        if not allow:
+            assert nxt.seq_len == cfg.seq_len
+        # what the ladder never touches
+        for f in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "attn", "quant",
+                  "double_quant", "compute_dtype"):
+            assert getattr(nxt, f) == getattr(cfg, f), f
+
+
+@FAST
+@given(configs(), st.booleans())
+def test_ladder_follows_safer_steps_order(cfg, allow):
+    seq = [cfg] + [c for c, _ in ladder(cfg, allow_shorter_seq=allow)]
+    order = [SAFER_STEPS.index(step_name(a, b)) for a, b in zip(seq, seq[1:])]
+    assert order == sorted(order)
+    if not allow:
+        assert "shorter_seq" not in [SAFER_STEPS[i] for i in order]
+
+
+@FAST
+@given(st.sampled_from(DENSE), configs(), st.booleans())
+def test_ladder_memory_never_increases(model, cfg, allow):
+    prev = estimate_memory(model, cfg).peak_bytes
+    for nxt, why in ladder(cfg, allow_shorter_seq=allow):
+        now = estimate_memory(model, nxt).peak_bytes
+        assert now <= prev, why
+        prev = now
+
+
+@FAST
+@given(configs())
+def test_shorter_sequence_only_when_allowed(cfg):
+    without = ladder(cfg)
+    with_ = ladder(cfg, allow_shorter_seq=True)
+    assert all(c.seq_len == cfg.seq_len for c, _ in without)
+    # allowing it only appends rungs: the ones before are the same
+    assert [c for c, _ in with_[:len(without)]] == [c for c, _ in without]
+    extra = with_[len(without):]
+    assert all(c.seq_len < cfg.seq_len and c.seq_len >= 256 for c, _ in extra)
