@@ -206,3 +206,16 @@ def test_grad_accum_does_not_change_throughput(model, cfg, gpu):
     a = estimate_speed(model, cfg.with_(grad_accum=1), gpu).tokens_per_s
     b = estimate_speed(model, cfg.with_(grad_accum=7), gpu).tokens_per_s
     assert a == pytest.approx(b, rel=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: offload_activations only offloads checkpointed block inputs, so without grad_ckpt "
+    "the memory estimate is unchanged, yet estimate_speed still applies OFFLOAD_TIME_FACTOR"))
+@FAST
+@given(models, configs(), gpus)
+def test_offload_without_checkpointing_changes_nothing(model, cfg, gpu):
+    cfg = cfg.with_(grad_ckpt=False, attn="sdpa")
+    on, off = cfg.with_(offload_activations=True), cfg.with_(offload_activations=False)
+    assert estimate_memory(model, on).peak_bytes == estimate_memory(model, off).peak_bytes
+    assert (estimate_speed(model, on, gpu).tokens_per_s
+            == pytest.approx(estimate_speed(model, off, gpu).tokens_per_s))

@@ -300,3 +300,14 @@ def test_longest_sequence_fits_and_one_step_more_does_not(mname, gname, step):
 def test_longest_sequence_raises_when_even_one_step_does_not_fit(llama405b):
     with pytest.raises(DoesNotFitError):
         api.longest_sequence(llama405b, custom_gpu(8))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: suggest accepts target_effective_batch <= 0 and returns a plan with effective "
+    "batch 1 instead of raising BadInputError"))
+@pytest.mark.parametrize("target", [0, -4])
+def test_non_positive_target_is_bad_input(llama8b, target):
+    from qplan.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        api.suggest(llama8b, gpu("rtx-4090"), seq_len=1024, target_effective_batch=target)
