@@ -160,7 +160,7 @@ def _make_trainer_classes():
                     loss = loss / self.current_gradient_accumulation_steps
                 ctx.micro.append(index)
                 ctx.rows += rows
-                ctx.step_loss += float(loss.detach())
+                ctx.step_loss = ctx.step_loss + loss.detach()  # a tensor: no sync per micro-batch
                 ctx.step_tokens += tokens
             return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -209,6 +209,7 @@ def _make_trainer_classes():
 
         def on_step_end(self, args, state, control, **kw):
             c = self.ctx
+            c.step_loss = float(c.step_loss)  # waits for the step to finish on the GPU
             dt = now() - c.t_step
             c.steps_done += 1
             c.tokens += c.step_tokens
@@ -325,9 +326,9 @@ def train(spec: dict, stop: StopFlag) -> dict[str, Any]:
                            processing_class=tok, data_collator=collate,
                            optimizers=(optimizer, None), callbacks=[QplanCallback(ctx)], ctx=ctx)
     trainer.remove_callback(PrinterCallback)  # qplan's progress shows the loss
-    progress.line(f"attempt {spec['attempt']}: " + (f"resuming at step {spec['resumed_from']}"
+    progress.line(f"attempt {spec['attempt']}: " + (f"resuming after step {spec['resumed_from']}"
                                                    if spec["resume_from"] else "starting")
-                  + f", {spec['total_steps']} steps of {E} rows (batch {cfg.batch_size} x "
+                  + f" of {spec['total_steps']} ({E} rows a step: batch {cfg.batch_size} x "
                   f"accumulation {cfg.grad_accum}, seq {cfg.seq_len})")
     oom = None
     try:
