@@ -3,7 +3,7 @@ finished run through the command line, OOM recovery, a kill and a SIGTERM follow
 ``--resume``, and merging. Faults come from QPLAN_FAILPOINTS (docs/runner.md).
 
 Each training process takes ~10 s on 2 cores (mostly importing torch + transformers);
-the file starts seven of them.
+the file starts eight of them.
 """
 from __future__ import annotations
 
@@ -196,3 +196,12 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(model_dir, text_d
     assert [x["loss"] for x in rep.steps] == [x["loss"] for x in other["resumed"].steps]
     a, b = adapter(tmp_path / "o"), adapter(other_out)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_oom_while_loading_ends_the_run_with_a_clear_message(model_dir, text_data, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv("QPLAN_FAILPOINTS", "oom@phase=load")
+    with pytest.raises(RunError, match="while loading and preparing the model") as e:
+        run(request(model_dir, text_data, tmp_path / "o"), notify=lambda m: None)
+    (a,) = e.value.report.attempts
+    assert a.ended == "oom" and a.last_step == 0

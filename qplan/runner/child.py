@@ -295,6 +295,7 @@ def train(spec: dict, stop: StopFlag) -> dict[str, Any]:
         torch.cuda.set_per_process_memory_fraction(frac, 0)
         result["simulate"] = {**s, "fraction": round(frac, 5), "device_total_bytes": total}
     optimizer = T.make_optimizer(model.parameters(), cfg, lr=spec["lr"])
+    fp.fire("load", 0)
 
     E = cfg.effective_batch
     rows = load_from_disk(str(run_dir / "data" / "train"))
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         result = {"status": OOM if oom else ERROR, "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()}
+        if oom:  # training catches its own OOMs: this one came while loading or preparing
+            result["oom_phase"] = "load"
     result["wall_s"] = round(time.time() - t0, 2)
     write_json(adir / "result.json", result)
     return EXIT_CODES.get(result["status"], EXIT_ERROR)

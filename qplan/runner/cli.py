@@ -101,6 +101,9 @@ def run_command(model, data, plan_file, effective_batch, output, max_steps, epoc
                      progress=not quiet)
     try:
         report = run(req, notify=click.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted before training started; nothing to resume", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     except RunError as e:
         rep = getattr(e, "report", None)
         if rep is not None:

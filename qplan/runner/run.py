@@ -126,7 +126,10 @@ def _new_run(req: RunRequest, notify: Notify, pm) -> tuple[Path, dict]:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BadInputError(f"--output {run_dir} exists and is not empty; choose another folder")
     model_path = _model_path(model)
-    profile = api.get_model(model_path if Path(model_path).is_dir() else model, pm=pm)
+    local = Path(model_path).is_dir()
+    profile = api.get_model(model_path if local else model, pm=pm)
+    if not local and profile.hf_id and "/" not in model:
+        model_path = profile.hf_id  # a catalogue name: load its hub repository
     setup = planning.choose(model_ref=model, profile=profile, plan_file=req.plan,
                             overrides=dict(req.overrides), effective_batch=req.effective_batch,
                             gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm)
@@ -154,7 +157,7 @@ def _new_run(req: RunRequest, notify: Notify, pm) -> tuple[Path, dict]:
     save_plan(setup.plan, run_dir / "plan.yaml")
     state = {
         "request": req.to_dict(), "model": model, "model_path": model_path,
-        "model_ref": model_path if Path(model_path).is_dir() else model,
+        "model_ref": model_path if local else model,
         "settings": cfg.to_dict(), "effective_batch": E, "total_steps": total,
         "save_steps": save_steps, "eval_steps": req.eval_steps or save_steps,
         "warmup_steps": int(math.ceil(req.warmup_ratio * total)),
@@ -384,6 +387,14 @@ def _attempts(run_dir: Path, state: dict, req: RunRequest, notify: Notify, pm) -
             tb = (res.get("traceback") or "").strip().splitlines()[-12:]
             report.message = (f"attempt {n} failed: {res.get('error') or f'exit code {rc}'}"
                               + ("\n" + "\n".join(tb) if tb else ""))
+            write_report(report)
+            raise _fail(report)
+        if res.get("oom_phase") == "load":
+            report.status = "failed"
+            report.message = (f"attempt {n} ran out of GPU memory while loading and preparing "
+                              f"the model, before training: {(res.get('error') or '')[:300]}. The "
+                              "model does not fit this GPU with these settings (is another "
+                              "process using it?); try a smaller model or a bigger GPU.")
             write_report(report)
             raise _fail(report)
         # out of memory: make the plan safer
