@@ -221,8 +221,8 @@ def _make_trainer_classes():
                    "seconds": round(dt, 4)}
             c.steps_file.write(json.dumps(rec) + "\n")
             c.steps_file.flush()
-            c.progress.update(state.global_step, step_info(c.step_loss, c.step_tokens / max(dt, 1e-9),
-                                                           c.monitor.current(), c.monitor.cuda))
+            c.progress.update(state.global_step,
+                              step_info(c.step_loss, c.step_tokens / max(dt, 1e-9), c.monitor))
             if c.stop.requested and state.global_step < state.max_steps:
                 c.interrupted = True
                 control.should_save = True

@@ -65,11 +65,11 @@ class MemoryMonitor:
                 import pynvml
 
                 pynvml.nvmlInit()
-                uuid = str(torch.cuda.get_device_properties(0).uuid)
-                try:
+                try:  # the GPU torch calls 0 (CUDA_VISIBLE_DEVICES may renumber)
+                    uuid = str(torch.cuda.get_device_properties(0).uuid)
                     self._handle = pynvml.nvmlDeviceGetHandleByUUID(
                         uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-                except pynvml.NVMLError:
+                except Exception:  # noqa: BLE001
                     self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
                 self.nvml_context = self._nvml_used()
             except Exception:  # noqa: BLE001 - no NVML: PyTorch's counters only
@@ -153,10 +153,14 @@ class Progress:
             self._bar = None
 
 
-def step_info(loss: float, tokens_per_s: float, mem: tuple[float, float], cuda: bool) -> str:
-    what = "GPU" if cuda else "RSS"
-    return (f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {what} {mem[0]:.2f} GiB "
-            f"(peak {mem[1]:.2f})")
+def step_info(loss: float, tokens_per_s: float, monitor: MemoryMonitor) -> str:
+    cur, peak = monitor.current()
+    if not monitor.cuda:
+        return f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  RSS {cur:.2f} GiB (peak {peak:.2f})"
+    out = f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  GPU reserved {cur:.2f} GiB (peak {peak:.2f}"
+    if monitor.nvml_peak:
+        out += f", nvidia-smi peak {monitor.nvml_peak / GIB:.2f}"
+    return out + ")"
 
 
 def now() -> float:
