@@ -327,10 +327,11 @@ def train(spec: dict, stop: StopFlag) -> dict[str, Any]:
                            processing_class=tok, data_collator=collate,
                            optimizers=(optimizer, None), callbacks=[QplanCallback(ctx)], ctx=ctx)
     trainer.remove_callback(PrinterCallback)  # qplan's progress shows the loss
-    progress.line(f"attempt {spec['attempt']}: " + (f"resuming after step {spec['resumed_from']}"
-                                                   if spec["resume_from"] else "starting")
-                  + f" of {spec['total_steps']} ({E} rows a step: batch {cfg.batch_size} x "
-                  f"accumulation {cfg.grad_accum}, seq {cfg.seq_len})")
+    progress.line(f"attempt {spec['attempt']}: " + (f"resuming after step {spec['resumed_from']} "
+                                                   f"of {spec['total_steps']}" if spec["resume_from"]
+                                                   else f"training {spec['total_steps']} steps")
+                  + f" ({E} rows a step: batch {cfg.batch_size} x accumulation {cfg.grad_accum}, "
+                  f"seq {cfg.seq_len})")
     oom = None
     try:
         trainer.train(resume_from_checkpoint=spec["resume_from"])
