@@ -164,7 +164,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qplan-models")
     ap.add_argument("--keep", action="store_true", help="keep saved models")
     ap.add_argument("--deadline", type=float, default=1e9, help="stop starting configs after N s")
+    ap.add_argument("--fresh", metavar="JSON", help="held-out mode: a JSON list of {model, settings}; "
+                    "each runs in its own process and NVML's peak is recorded directly")
+    ap.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fresh:
+        return run_fresh(args)
+    if args.one:
+        return run_one(args)
     t_start = time.time()
 
     nvml = NvmlPeak()
@@ -241,6 +248,76 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
     out.close()
+
+
+def run_fresh(args) -> None:
+    """Each configuration in a new process: NVML's peak is then the process's own."""
+    import subprocess
+
+    from qplan import api
+
+    items = json.loads(Path(args.fresh).read_text())
+    t0 = time.time()
+    for item in items:
+        if time.time() - t0 > args.deadline:
+            print("deadline reached", flush=True)
+            break
+        path = Path(args.workdir) / item["model"]
+        if not (path / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--models", item["model"], "--out", "/dev/null",
+                            "--one", json.dumps({"build_only": True, **item}), "--workdir", args.workdir],
+                           check=False)
+        r = subprocess.run([sys.executable, __file__, "--models", item["model"], "--out", args.out,
+                            "--one", json.dumps(item), "--workdir", args.workdir, "--steps", str(args.steps)],
+                           check=False)
+        if r.returncode:
+            print(f"config {item} exited {r.returncode}", flush=True)
+
+
+def run_one(args) -> None:
+    item = json.loads(args.one)
+    nvml = NvmlPeak()
+    baseline = nvml.used()
+    import torch
+    import transformers, peft, bitsandbytes  # noqa: E401
+
+    from qplan import api
+    from qplan.planner.config import TrainConfig
+    from qplan.runner import techniques as T
+
+    profile = api.get_model(item["model"])
+    path = Path(args.workdir) / item["model"]
+    if item.get("build_only"):
+        build_and_save(profile, path)
+        return
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    cfg = TrainConfig.from_dict({**item["settings"],
+                                 "expandable_segments": "expandable_segments:True" in allocator})
+    with nvml:
+        model = T.load_model(str(path), cfg, device_map={"": 0})
+    static = torch.cuda.memory_allocated() / GIB
+    est = api.estimate(profile, api.get_gpu("h200"), cfg)
+    rec, _ = run_config(model, profile, cfg, args.steps, nvml, baseline)
+    rec.update({
+        "model": item["model"], "seq": cfg.seq_len, "batch": cfg.batch_size,
+        "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "lora_targets": ",".join(cfg.lora_targets) if cfg.lora_targets else "all",
+        "grad_ckpt": cfg.grad_ckpt, "optim": cfg.optim, "prepare": cfg.prepare, "loss": cfg.loss,
+        "attn": cfg.attn, "offload_activations": cfg.offload_activations, "quant": "nf4+dq",
+        "allocator": allocator or "default", "expandable_segments": cfg.expandable_segments,
+        "fresh_process": True, "model_static_gib": static,
+        "estimate_peak_gib": est.memory.peak_gib, "estimate_breakdown": est.memory.breakdown(),
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__, "nvml_baseline_gib": baseline / GIB,
+    })
+    with open(args.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"{item['model']:14s} {json.dumps(item['settings'])} {rec['status']} "
+          f"alloc={rec['peak_allocated_gib']:.2f} res={rec['peak_reserved_gib']:.2f} "
+          f"nvml={rec['nvml_peak_gib']:.2f} est={est.memory.peak_gib:.2f} "
+          f"err={(est.memory.peak_gib / rec['nvml_peak_gib'] - 1) * 100:+.1f}% "
+          f"tok/s={rec['tokens_per_s'] or 0:.0f}", flush=True)
 
 
 if __name__ == "__main__":

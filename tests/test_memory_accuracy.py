@@ -26,7 +26,7 @@ def test_grid_covers_what_issue_2_asks(rows):
     assert {1, 8} <= {r["batch"] for r in rows}
     assert {16, 64} <= {r["rank"] for r in rows}
     assert {True, False} == {r["grad_ckpt"] for r in rows}
-    assert {0.0, 0.05} == {r["dropout"] for r in rows}
+    assert {0.0, 0.05} <= {r["dropout"] for r in rows}
     assert {"kbit", "lean"} == {r["prepare"] for r in rows}
     assert {"standard", "fused"} == {r["loss"] for r in rows}
 

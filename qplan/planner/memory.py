@@ -187,13 +187,14 @@ def layer_activation_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> f
     input's dtype, so the q/k/v and MLP tensors are float32 too. LoRA dropout keeps a mask
     and a dropped copy of each adapted input.
 
-    Measured, not guessed: the coefficients (bytes per element of the intermediate size,
-    of the q/k/v width, and of each adapted input under dropout) were fitted to the
-    no-checkpointing runs of ``benchmarks/results/raw`` (5 architectures, 1B to 8B, residuals
-    within 2%); see :mod:`.calibration`.
+    Measured, not guessed: the coefficients (bytes per element of the hidden size, the
+    intermediate size, the q/k/v width, and each adapted input under dropout) were fitted
+    to the no-checkpointing runs in ``benchmarks/results/raw`` (6 architectures, 1B to 8B,
+    residuals within 3%); see :mod:`.calibration`.
     """
     c = C.ACT_COEF[cfg.prepare if cfg.prepare in C.ACT_COEF else "lean"]
-    per = c["i"] * model.intermediate_size + c["qkv"] * (model.q_size + 2 * model.kv_size)
+    per = (c["h"] * model.hidden_size + c["i"] * model.intermediate_size
+           + c["qkv"] * (model.q_size + 2 * model.kv_size))
     if cfg.lora_dropout > 0:
         ins = {s.name: s.in_features for s in model.linear_shapes()}
         per += c["dropout"] * sum(ins[t] for t in model.resolve_targets(cfg.lora_targets))
@@ -230,11 +231,14 @@ def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     """
     t = _tokens(cfg)
     v = model.vocab_size
+    per_logit = C.LOGITS_STANDARD_BYTES
+    if model.final_logit_softcapping:
+        per_logit += C.LOGITS_SOFTCAP_EXTRA_BYTES
     if cfg.loss == "fused":
         rows = min(t, max(64, C.FUSED_CHUNK_ELEMENTS // v))
-        peak = rows * v * C.LOGITS_STANDARD_BYTES
+        peak = rows * v * per_logit
     else:
-        peak = t * v * C.LOGITS_STANDARD_BYTES
+        peak = t * v * per_logit
     if cfg.prepare == "kbit":
         peak += 2 * v * model.hidden_size
     return int(peak)

@@ -127,6 +127,11 @@ class ModelProfile:
         return self.num_key_value_heads * self.head_size
 
     @property
+    def final_logit_softcapping(self) -> bool:
+        """Gemma 2 soft-caps its logits with tanh (more logits copies in the loss)."""
+        return self.model_type == "gemma2"
+
+    @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
 
@@ -306,4 +311,7 @@ class ModelProfile:
         if self.is_moe:
             d["num_local_experts"] = self.num_local_experts
             d["num_experts_per_tok"] = self.num_experts_per_tok
+        if self.model_type == "mistral":
+            # MistralConfig defaults to a 4096-token window; v0.3 and Nemo have none.
+            d["sliding_window"] = None
         return d
