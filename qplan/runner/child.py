@@ -238,7 +238,7 @@ def _make_trainer_classes():
     return QplanTrainer, QplanCallback
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """Keep the console for qplan's progress: no library progress bars or deprecation chatter."""
     import logging
     import warnings
@@ -259,7 +259,7 @@ def _quiet() -> None:
 
 def train(spec: dict, stop: StopFlag) -> dict[str, Any]:
     """One attempt, from loading the model to saving the adapter; the result record."""
-    _quiet()
+    quiet_libraries()
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments

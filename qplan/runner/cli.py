@@ -125,7 +125,9 @@ def run_command(model, data, plan_file, effective_batch, output, max_steps, epoc
 def merge_command(adapter, output, base, dtype):
     """Merge a LoRA adapter into its 16-bit base model (peft merge_and_unload) and save the
     model and tokenizer, ready to serve without peft."""
+    from qplan.runner.child import quiet_libraries
     from qplan.runner.merge import merge
 
+    quiet_libraries()
     r = merge(adapter, output, base=base, dtype=dtype)
     click.echo(f"merged {r.adapter} into {r.base} ({r.dtype}, {r.parameters:,} parameters): {r.output}")
