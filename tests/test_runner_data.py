@@ -407,3 +407,34 @@ def test_output_folder_of_an_earlier_run_is_not_reused(tmp_path, model_dir):
     code, out = invoke("run", "--model", model_dir, "--data", tmp_path / "d.jsonl", "--cpu",
                        "--output", tmp_path / "o")
     assert code == 2 and "--resume" in out
+
+
+# ---- the starting plan ------------------------------------------------------------------
+def _choose(model_dir, **kw):
+    from qplan import api
+
+    args = dict(model_ref=str(model_dir), profile=api.get_model(str(model_dir)), plan_file=None,
+                overrides={}, effective_batch=None, gpu_name=None, simulate_gpu=None, cpu=True)
+    return planning.choose(**{**args, **kw})
+
+
+def test_a_saved_plan_is_used_with_flags_overriding_it(model_dir, tmp_path):
+    from qplan import api
+    from qplan.planner.plan import save_plan
+
+    cfg = TrainConfig(seq_len=48, batch_size=4, grad_accum=2, lora_rank=4, compute_dtype="fp16",
+                      attn="flash_attention_2", loss="fused")
+    prof, gpu = api.get_model(str(model_dir)), api.get_gpu("rtx-4090")
+    save_plan(api.make_plan(prof, gpu, cfg, target=8), tmp_path / "plan.yaml")
+    s = _choose(model_dir, plan_file=str(tmp_path / "plan.yaml"), overrides={"lora_rank": 8})
+    got = s.plan.config
+    assert (got.seq_len, got.batch_size, got.grad_accum, got.loss, got.lora_rank) == (48, 4, 2, "fused", 8)
+    assert (got.compute_dtype, got.attn) == ("bf16", "sdpa")  # what CPU can run
+    assert s.device == "cpu" and any("on CPU" in n for n in s.notes)
+
+
+def test_without_a_plan_the_planner_chooses_with_flags_held(model_dir):
+    s = _choose(model_dir, overrides={"seq_len": 64, "lora_rank": 8}, effective_batch=8)
+    c = s.plan.config
+    assert c.seq_len == 64 and c.lora_rank == 8 and c.effective_batch == 8
+    assert s.gpu.name == planning.CPU_PLANNING_GPU and s.simulate is None
