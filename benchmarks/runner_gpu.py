@@ -51,7 +51,7 @@ def build(model_name: str, path: Path, layers: int | None) -> None:
         d["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(**d)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")
     make_tokenizer(sentences(400, seed=123)).save_pretrained(path)
@@ -111,6 +111,8 @@ def main() -> int:
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--workdir", help="where the model and runs go (default: a temp dir)")
     ap.add_argument("--build-only", metavar="PATH", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="check the script's plumbing on CPU: no simulation, nothing OOMs")
     args = ap.parse_args()
     if args.build_only:
         build(args.model, Path(args.build_only), args.layers)
@@ -150,8 +152,12 @@ def main() -> int:
     seq = plan.config.seq_len
     log: list[str] = []
     results: dict = {}
-    common = dict(model=str(model_dir), data=str(data), simulate_gpu=args.gpu,
-                  max_steps=args.steps, save_steps=2, progress=False)
+    common = dict(model=str(model_dir), data=str(data), max_steps=args.steps, save_steps=2,
+                  progress=False)
+    if args.cpu_dry_run:
+        common.update(cpu=True, gpu=args.gpu)
+    else:
+        common.update(simulate_gpu=args.gpu)
 
     # (a) the automatic plan under the cap
     results["a_auto_plan"] = run_case("a", RunRequest(
@@ -181,7 +187,9 @@ def main() -> int:
                "total_s": round(time.time() - t0, 1), "env": env, "results": results, "log": log}
     (out / "runner_gpu.json").write_text(json.dumps(summary, indent=1))
     sim = simulation(gpu)
-    md = [f"# qplan run on {env['gpu']}, simulating {args.gpu}", "",
+    title = (f"CPU dry run (planned for {args.gpu}, nothing simulated)" if args.cpu_dry_run
+             else f"qplan run on {env['gpu']}, simulating {args.gpu}")
+    md = [f"# {title}", "",
           f"Model: {args.model} shapes ({summary['layers']} layers, random weights), seq {seq}, "
           f"effective batch {args.effective_batch}, {args.steps} steps. Allocator cap "
           f"{sim['cap_bytes'] / GIB:.2f} GiB ({args.gpu}: {sim['card_bytes'] / GIB:g} GiB less "

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from qplan import api
 from qplan.errors import BadInputError, QplanError, RunError
