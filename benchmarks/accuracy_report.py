@@ -41,7 +41,8 @@ def config_of(d: dict) -> TrainConfig:
         lora_alpha=d.get("lora_alpha", 2 * d["lora_rank"]), lora_dropout=d["lora_dropout"],
         grad_ckpt=d["grad_ckpt"], optim=d["optim"], prepare=d["prepare"], loss=d["loss"],
         attn=d.get("attn", "sdpa"), expandable_segments=d.get("expandable_segments", True),
-        offload_activations=d.get("offload_activations", False))
+        offload_activations=d.get("offload_activations", False),
+        loss_chunk=d.get("loss_chunk", TrainConfig.loss_chunk))
 
 
 def measured_gib(d: dict, model, cfg: TrainConfig) -> float:

@@ -229,6 +229,7 @@ def main() -> None:
             rec.update({
                 "model": name, "seq": seq, "batch": b, "lora_rank": r, "lora_alpha": 2 * r,
                 "lora_dropout": dp, "lora_targets": "all", "grad_ckpt": ck, "optim": optim,
+                "loss_chunk": cfg.loss_chunk,
                 "prepare": prep, "loss": loss, "attn": cfg.attn, "quant": "nf4+dq",
                 "allocator": allocator or "default", "expandable_segments": cfg.expandable_segments,
                 "model_static_gib": static, "build_s": t_build, "load_s": t_load,
@@ -304,6 +305,7 @@ def run_one(args) -> None:
         "lora_targets": ",".join(cfg.lora_targets) if cfg.lora_targets else "all",
         "grad_ckpt": cfg.grad_ckpt, "optim": cfg.optim, "prepare": cfg.prepare, "loss": cfg.loss,
         "attn": cfg.attn, "offload_activations": cfg.offload_activations, "quant": "nf4+dq",
+        "loss_chunk": cfg.loss_chunk,
         "allocator": allocator or "default", "expandable_segments": cfg.expandable_segments,
         "fresh_process": True, "model_static_gib": static,
         "estimate_peak_gib": est.memory.peak_gib, "estimate_breakdown": est.memory.breakdown(),

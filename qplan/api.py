@@ -146,11 +146,22 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"sequence length {seq_len} is longer than {model.name}'s context "
             f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
+    if not isinstance(target_effective_batch, int) or target_effective_batch < 1:
+        raise BadInputError(f"target effective batch must be an integer >= 1 "
+                            f"(got {target_effective_batch!r}); the default is 16")
+    if (fixed or {}).get("compute_dtype") == "bf16" and not gpu.bf16:
+        raise BadInputError(
+            f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
+            "Leave the dtype to qplan (fp16 is chosen there) or pick an Ampere or newer card.")
     best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
                         fixed=fixed, flash_attn_available=flash_attn_available,
                         liger_available=liger_available, host_ram_bytes=host_ram_bytes,
                         capacity_bytes=capacity_bytes, policies=_policies(pm),
                         adjust=_adjust_for(model, pm))
+    if best is None and not seen:
+        raise BadInputError(
+            f"every candidate plan for {model.name} on {gpu.name} was vetoed by a plan policy; "
+            "see `qplan plugins` for the loaded policies, or limit them with QPLAN_LOAD_PLUGINS")
     if best is None:
         smallest = min(seen, key=lambda c: c.memory.peak_bytes) if seen else None
         alts = alternatives(model, gpu, seq_len=seq_len, target=target_effective_batch,
@@ -216,9 +227,10 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
         except DoesNotFitError:
             s //= 2
     cat = catalog(pm)
-    smaller = sorted((m for m in cat.models if not m.is_moe and m.total_params < model.total_params
-                      and m.family == model.family), key=lambda m: -m.total_params)
-    for m in smaller[:3]:
+    # the largest smaller model that fits: same family first, then any family
+    smaller = sorted((m for m in cat.models if not m.is_moe and m.total_params < model.total_params),
+                     key=lambda m: (m.family != model.family, -m.total_params))
+    for m in smaller:
         try:
             p = suggest(m, gpu, seq_len=min(seq_len, m.max_position_embeddings),
                         target_effective_batch=target, capacity_bytes=capacity_bytes, pm=pm,

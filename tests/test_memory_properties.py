@@ -208,9 +208,6 @@ def test_grad_accum_does_not_change_throughput(model, cfg, gpu):
     assert a == pytest.approx(b, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: offload_activations only offloads checkpointed block inputs, so without grad_ckpt "
-    "the memory estimate is unchanged, yet estimate_speed still applies OFFLOAD_TIME_FACTOR"))
 @FAST
 @given(models, configs(), gpus)
 def test_offload_without_checkpointing_changes_nothing(model, cfg, gpu):

@@ -15,7 +15,7 @@ from test_plugins_fakes import (FakeDist, FakeEntryPoint, gpu, gpus_plugin, inst
 
 from qplan import api
 from qplan.catalog import build_catalog, get_catalog
-from qplan.errors import DoesNotFitError, NotModelledError, PluginError
+from qplan.errors import BadInputError, DoesNotFitError, NotModelledError, PluginError
 from qplan.planner.config import TrainConfig
 from qplan.planner.memory import MemoryTerm
 from qplan.plugins import calls
@@ -269,7 +269,7 @@ def test_policy_veto_removes_candidates(small_model, card):
                                  else None)
     plan = api.suggest(small_model, card, seq_len=1024, pm=bare_pm(v=no_fused))
     assert plan.config.loss == "standard"
-    with pytest.raises(DoesNotFitError):
+    with pytest.raises(BadInputError, match="vetoed by a plan policy"):
         api.suggest(small_model, card, seq_len=1024,
                     pm=bare_pm(everything=plugin(plan_policy=lambda config: False)))
 

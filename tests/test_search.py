@@ -86,10 +86,6 @@ def test_effective_batch_reaches_target_with_least_accumulation(llama8b, gname, 
     assert c.batch_size <= max(1, target)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the search tries only power-of-two per-device batches with accumulation "
-    "ceil(target / batch) and ranks by tokens/s alone, so a target that is not a power of two "
-    "is overshot (target 12 -> 8 x 2 = 16 on an H100) although batch 4 x 3 = 12 fits"))
 @pytest.mark.parametrize("gname", ["rtx-4090", "h100-sxm"])
 @pytest.mark.parametrize("target", [3, 5, 6, 10, 12, 20, 24])
 def test_effective_batch_is_exactly_the_target_when_achievable(gname, target):
@@ -215,10 +211,6 @@ def test_flash_attention_fixed_on_pre_ampere_is_refused(pre_ampere_gpu):
                     fixed={"attn": "flash_attention_2"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: bf16 fixed on a card without bf16 is vetoed by the built-in plan_policy, so every "
-    "candidate is dropped and suggest raises DoesNotFitError 'nothing fits ... on t4' with no "
-    "reason (no smallest configuration); the message should say bf16 needs cc >= 8.0"))
 def test_bf16_fixed_on_pre_ampere_says_why(pre_ampere_gpu):
     with pytest.raises(QplanError) as e:
         api.suggest(api.get_model("llama-3.2-1b"), pre_ampere_gpu, seq_len=1024,
@@ -242,10 +234,6 @@ def test_405b_on_8gb_does_not_fit_with_alternatives_and_largest_term(llama405b):
     assert err.estimate.peak_bytes > usable_bytes(custom_gpu(8))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: api.alternatives tries only the 3 largest smaller models of the family "
-    "(llama-3.3-70b, llama-3.1-70b, llama-3.1-8b), none of which fits 8 GiB, and never "
-    "reaches llama-3.2-3b / 1b that do; no bigger card holds 405B: no alternative at all"))
 def test_405b_on_8gb_offers_an_alternative(llama405b):
     with pytest.raises(DoesNotFitError) as e:
         api.suggest(llama405b, custom_gpu(8), seq_len=2048)
@@ -302,9 +290,6 @@ def test_longest_sequence_raises_when_even_one_step_does_not_fit(llama405b):
         api.longest_sequence(llama405b, custom_gpu(8))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: suggest accepts target_effective_batch <= 0 and returns a plan with effective "
-    "batch 1 instead of raising BadInputError"))
 @pytest.mark.parametrize("target", [0, -4])
 def test_non_positive_target_is_bad_input(llama8b, target):
     from qplan.errors import BadInputError

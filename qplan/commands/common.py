@@ -58,6 +58,8 @@ KNOBS: tuple[Knob, ...] = (
          "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
     Knob("offload_activations", "--offload-activations/--no-offload-activations",
          "keep checkpointed block inputs in pinned CPU memory"),
+    Knob("loss_chunk", "--loss-chunk", "logit elements per chunk of the fused loss "
+         "(rows = this / vocabulary size)", click.IntRange(min=1024)),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

@@ -32,8 +32,8 @@ LOGITS_STANDARD_BYTES = 12.0
 # Gemma 2's final logit soft-capping (tanh) keeps more copies of the logits: measured
 # +2.0 bytes per logit on gemma-2-2b (2 x 2048 tokens, 256k vocabulary).
 LOGITS_SOFTCAP_EXTRA_BYTES = 2.0
-# Logit elements per chunk of the chunked ("fused") loss; rows = this // vocab_size.
-FUSED_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# (The fused loss's chunk size is a setting, TrainConfig.loss_chunk; the grids of
+# 2026-11-26 ran with 64 Mi elements, recorded as loss_chunk in their records.)
 
 # Allocator: reserved - allocated at the peak. A fraction of the standard loss's logits
 # (their large short-lived buffers), a fraction of the other dynamic memory, and a constant.

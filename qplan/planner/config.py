@@ -44,6 +44,8 @@ class TrainConfig:
     compute_dtype: str = "bf16"
     expandable_segments: bool = True
     offload_activations: bool = False
+    # Logit elements per chunk of the fused (chunked) loss: rows = loss_chunk // vocab_size.
+    loss_chunk: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):
@@ -57,7 +59,8 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid field, each with what is allowed."""
         p = []
-        for f, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 1)):
+        for f, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 1),
+                      ("loss_chunk", 1024)):
             v = getattr(self, f)
             if not isinstance(v, int) or v < lo:
                 p.append(f"{f} must be an integer >= {lo} (got {v!r})")
@@ -70,6 +73,10 @@ class TrainConfig:
             if v not in allowed:
                 p.append(f"{f} {v!r} is not one of {', '.join(allowed)}")
         return p
+
+    def loss_chunk_rows(self, vocab_size: int) -> int:
+        """Rows (tokens) per chunk of the fused loss for a vocabulary of ``vocab_size``."""
+        return max(64, self.loss_chunk // vocab_size)
 
     @property
     def effective_batch(self) -> int:

@@ -226,7 +226,7 @@ def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     float32 upcast, the float32 log-softmax kept for backward and the float32 gradient:
     measured at ``LOGITS_STANDARD_BYTES`` bytes per logit. Fused (qplan's chunked loss, or
     Liger's fused linear cross entropy) holds one chunk of rows at a time
-    (``FUSED_CHUNK_ELEMENTS`` logits). With ``prepare=kbit`` the float32 lm_head is cast to
+    (``loss_chunk`` logits). With ``prepare=kbit`` the float32 lm_head is cast to
     16-bit for every use under autocast: one more vocab x hidden 16-bit copy.
     """
     t = _tokens(cfg)
@@ -235,7 +235,7 @@ def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     if model.final_logit_softcapping:
         per_logit += C.LOGITS_SOFTCAP_EXTRA_BYTES
     if cfg.loss == "fused":
-        rows = min(t, max(64, C.FUSED_CHUNK_ELEMENTS // v))
+        rows = min(t, cfg.loss_chunk_rows(v))
         peak = rows * v * per_logit
     else:
         peak = t * v * per_logit

@@ -67,11 +67,8 @@ def _techniques(cfg: TrainConfig) -> int:
 
 
 def _batch_sizes(target: int) -> list[int]:
-    out, b = [], 1
-    while b <= max(1, target):
-        out.append(b)
-        b *= 2
-    return out
+    """Per-device batches that reach the target effective batch exactly (its divisors)."""
+    return [b for b in range(1, max(1, target) + 1) if target % b == 0]
 
 
 def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effective_batch: int,

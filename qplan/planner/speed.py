@@ -64,7 +64,7 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> Sp
     micro = compute_s + memory_s + C.STEP_OVERHEAD_S
     if cfg.loss == "fused":
         micro *= C.FUSED_LOSS_TIME_FACTOR
-    if cfg.offload_activations:
+    if cfg.offload_activations and cfg.grad_ckpt:  # offload only moves checkpointed inputs
         micro *= C.OFFLOAD_TIME_FACTOR
     if cfg.attn == "eager":
         micro *= C.EAGER_TIME_FACTOR

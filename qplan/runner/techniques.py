@@ -10,7 +10,6 @@ import contextlib
 import gc
 from typing import Any
 
-from qplan.planner import calibration as C
 from qplan.planner.config import TrainConfig
 from qplan.profiles.models import ModelProfile
 
@@ -138,12 +137,7 @@ def _chunk_loss(hidden, weight, labels, softcap):
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def chunk_tokens(vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's logits have about ``FUSED_CHUNK_ELEMENTS``."""
-    return max(64, C.FUSED_CHUNK_ELEMENTS // vocab_size)
-
-
-def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int | None = None):
+def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int = 256):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 = ignored),
     computed a chunk of rows at a time: each chunk's logits are recomputed in backward
     (checkpointed), so float32 logits for the whole batch never exist."""
@@ -152,7 +146,6 @@ def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int | 
 
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    chunk = chunk or chunk_tokens(weight.shape[0])
     n = (y != -100).sum().clamp(min=1)
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
@@ -178,7 +171,8 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
                      position_ids=position_ids).last_hidden_state
     shift_h = hidden[:, :-1, :]
     shift_y = labels[:, 1:]
-    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap)
+    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap,
+                                 chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
 
 
 def activation_offload(cfg: TrainConfig):
