@@ -42,7 +42,8 @@ def config_of(d: dict) -> TrainConfig:
         grad_ckpt=d["grad_ckpt"], optim=d["optim"], prepare=d["prepare"], loss=d["loss"],
         attn=d.get("attn", "sdpa"), expandable_segments=d.get("expandable_segments", True),
         offload_activations=d.get("offload_activations", False),
-        loss_chunk=d.get("loss_chunk", TrainConfig.loss_chunk))
+        loss_chunk=d.get("loss_chunk", TrainConfig.loss_chunk), mlp_chunk=d.get("mlp_chunk", 0),
+        embed_on_cpu=d.get("embed_on_cpu", False))
 
 
 def measured_gib(d: dict, model, cfg: TrainConfig) -> float:
@@ -76,7 +77,8 @@ def evaluate(records: list[dict]) -> list[dict]:
             "file": d["_file"], "model": d["model"], "seq": cfg.seq_len, "batch": cfg.batch_size,
             "rank": cfg.lora_rank, "dropout": cfg.lora_dropout, "grad_ckpt": cfg.grad_ckpt,
             "prepare": cfg.prepare, "loss": cfg.loss, "optim": cfg.optim,
-            "offload": cfg.offload_activations, "allocator": d.get("allocator", ""),
+            "offload": cfg.offload_activations, "mlp_chunk": cfg.mlp_chunk,
+            "embed_on_cpu": cfg.embed_on_cpu, "allocator": d.get("allocator", ""),
             "measured_gib": round(meas, 3), "estimate_gib": round(est, 3),
             "error": round((est - meas) / meas, 4),
         })

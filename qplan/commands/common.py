@@ -60,6 +60,10 @@ KNOBS: tuple[Knob, ...] = (
          "keep checkpointed block inputs in pinned CPU memory"),
     Knob("loss_chunk", "--loss-chunk", "logit elements per chunk of the fused loss "
          "(rows = this / vocabulary size)", click.IntRange(min=1024)),
+    Knob("mlp_chunk", "--mlp-chunk", "run each block's MLP over the sequence in checkpointed "
+         "chunks of this many tokens (0 = off)", click.IntRange(min=0)),
+    Knob("embed_on_cpu", "--embed-on-cpu/--no-embed-on-cpu",
+         "keep the frozen input embeddings in CPU memory (untied embeddings only)"),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

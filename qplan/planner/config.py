@@ -46,6 +46,12 @@ class TrainConfig:
     offload_activations: bool = False
     # Logit elements per chunk of the fused (chunked) loss: rows = loss_chunk // vocab_size.
     loss_chunk: int = 16 * 1024 * 1024
+    # Run each block's MLP over the sequence in checkpointed chunks of this many tokens
+    # (0 = off): its large intermediate tensors then exist for one chunk at a time.
+    mlp_chunk: int = 0
+    # Keep the (frozen) input embeddings in CPU memory: the lookup runs on the CPU and only
+    # the looked-up rows go to the GPU. Untied embeddings only.
+    embed_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):
@@ -60,7 +66,7 @@ class TrainConfig:
         """Every invalid field, each with what is allowed."""
         p = []
         for f, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 1),
-                      ("loss_chunk", 1024)):
+                      ("loss_chunk", 1024), ("mlp_chunk", 0)):
             v = getattr(self, f)
             if not isinstance(v, int) or v < lo:
                 p.append(f"{f} must be an integer >= {lo} (got {v!r})")

@@ -61,9 +61,13 @@ def default_settings(model: ModelProfile, gpu: GpuProfile, *, flash_attn_availab
     }
 
 
+# Tokens per chunk when the search tiles the MLP (``TrainConfig.mlp_chunk``).
+MLP_CHUNK = 2048
+
+
 def _techniques(cfg: TrainConfig) -> int:
     return (int(cfg.grad_ckpt) + int(cfg.loss == "fused") + int(cfg.offload_activations)
-            + int(cfg.prepare == "kbit"))
+            + int(cfg.prepare == "kbit") + int(bool(cfg.mlp_chunk)) + int(cfg.embed_on_cpu))
 
 
 def _batch_sizes(target: int) -> list[int]:
@@ -80,7 +84,12 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
         "grad_ckpt": [False, True],
         "loss": ["standard", "fused"],
         "prepare": ["lean"],
-        "offload_activations": [False, True],
+        # Activation offload is applied when asked for, never chosen by the search: under a
+        # simulated 8 GB cap an offloading plan ran out of memory where the estimate said it
+        # fit, and 16-32k-token offloads exhausted pinned host memory (results/longest_seq.md).
+        "offload_activations": [False],
+        "mlp_chunk": [0, MLP_CHUNK] if seq_len > MLP_CHUNK else [0],
+        "embed_on_cpu": [False] if model.tie_word_embeddings else [False, True],
     }
     for k in list(grid):
         if k in fixed:
@@ -94,9 +103,18 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
                     for off in grid["offload_activations"]:
                         if off and not ck:
                             continue  # offloading applies to checkpointed block inputs
-                        yield TrainConfig(**{**settings, "seq_len": seq_len, "batch_size": b,
-                                             "grad_accum": accum, "grad_ckpt": ck, "loss": loss,
-                                             "prepare": prep, "offload_activations": off})
+                        for mc in grid["mlp_chunk"]:
+                            if off and mc:
+                                # measured together with embed_on_cpu, the estimate was 14.6%
+                                # under (benchmarks/results/raw/h200_heldout2_techniques.jsonl):
+                                # not offered until the memory model covers it
+                                continue
+                            for ec in grid["embed_on_cpu"]:
+                                yield TrainConfig(**{
+                                    **settings, "seq_len": seq_len, "batch_size": b,
+                                    "grad_accum": accum, "grad_ckpt": ck, "loss": loss,
+                                    "prepare": prep, "offload_activations": off,
+                                    "mlp_chunk": mc, "embed_on_cpu": ec})
 
 
 def evaluate(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *,

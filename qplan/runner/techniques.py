@@ -87,6 +87,46 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     else:
         model.gradient_checkpointing_disable()
     model.config.use_cache = False
+    if cfg.embed_on_cpu:
+        embeddings_to_cpu(model)
+
+
+def embeddings_to_cpu(model) -> None:
+    """Move the frozen input embeddings to CPU memory; look tokens up there and send only
+    the rows used to the model's device. The model's ``hf_device_map`` is untouched: this
+    is not an accelerate CPU offload (which accelerate refuses to train in 4-bit), it is a
+    frozen lookup table that happens to live in host memory."""
+    import torch
+
+    from qplan.errors import BadInputError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "tie_word_embeddings", False):
+        raise BadInputError("embed_on_cpu needs untied embeddings: this model's lm_head shares "
+                            "the embedding matrix, which the loss needs on the GPU")
+    emb = base.get_input_embeddings()
+    if getattr(emb, "_qplan_on_cpu", False):
+        return
+    device = emb.weight.device
+    emb.to("cpu")
+
+    def to_cpu(module, args):
+        if module.weight.device.type != "cpu":  # something (Trainer, accelerate) moved it back
+            module.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return (args[0].to("cpu"),) + tuple(args[1:])
+
+    def to_device(module, args, output):
+        return output.to(device, non_blocking=True)
+
+    # the pre-hook runs first; the device hook goes before any hook already registered
+    # (enable_input_require_grads), so gradients are asked for on the device copy
+    emb.register_forward_pre_hook(to_cpu)
+    emb.register_forward_hook(to_device, prepend=True)
+    emb._qplan_on_cpu = True
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def lora_config(profile: ModelProfile, cfg: TrainConfig):
@@ -99,9 +139,44 @@ def lora_config(profile: ModelProfile, cfg: TrainConfig):
 
 
 def add_lora(model, profile: ModelProfile, cfg: TrainConfig):
+    """Wrap ``model`` with LoRA adapters as ``cfg`` says (and tile its MLPs if asked)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(profile, cfg))
+    model = get_peft_model(model, lora_config(profile, cfg))
+    tile_mlp(model, cfg)
+    return model
+
+
+def tile_mlp(model, cfg: TrainConfig) -> int:
+    """Run every block's MLP over the sequence in chunks of ``cfg.mlp_chunk`` tokens, each
+    chunk checkpointed, so the MLP's intermediate-size tensors (gate, up, their product:
+    most of a block's activations) exist for one chunk at a time, in forward and in the
+    recomputed forward of backward. Costs one more MLP forward per chunk in backward.
+    A no-op when ``mlp_chunk`` is 0. Returns how many MLPs were tiled."""
+    if not cfg.mlp_chunk:
+        return 0
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = cfg.mlp_chunk
+    n = 0
+    for layer in base.model.layers:
+        mlp = layer.mlp
+        if getattr(mlp, "_qplan_tiled", False):
+            continue
+        inner = mlp.forward
+
+        def forward(x, _inner=inner):
+            if x.dim() != 3 or x.shape[1] <= rows or not torch.is_grad_enabled():
+                return _inner(x)
+            return torch.cat([checkpoint(_inner, part, use_reentrant=False)
+                              for part in x.split(rows, dim=1)], dim=1)
+
+        mlp.forward = forward
+        mlp._qplan_tiled = True
+        n += 1
+    return n
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float = 2e-4):
