@@ -109,6 +109,13 @@ def _reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, target: int
     ]
     if cfg.offload_activations:
         r.append("activation offloading: checkpointed block inputs kept in pinned CPU memory")
+    if cfg.mlp_chunk:
+        r.append(f"MLP tiled in chunks of {cfg.mlp_chunk} tokens: its large tensors exist for "
+                 "one chunk at a time (costs one more MLP forward)")
+    if cfg.embed_on_cpu:
+        r.append("input embeddings in CPU memory: frees "
+                 f"{model.embedding_params * (4 if cfg.prepare == 'kbit' else 2) / 2**30:.2f} GiB "
+                 "of the card; only looked-up rows go to the GPU")
     return tuple(r)
 
 

@@ -185,7 +185,7 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
             line += f" (plans keep peak under {d['usable_gib']:.2f} GiB)"
         c.print(line)
     if d.get("host_pinned_gib"):
-        c.print(f"host pinned memory for offloaded activations: {d['host_pinned_gib']:.2f} GiB")
+        c.print(f"host memory (CPU embeddings, offloaded activations): {d['host_pinned_gib']:.2f} GiB")
 
 
 def print_settings(settings: dict[str, Any], reasons: dict[str, str] | None = None,

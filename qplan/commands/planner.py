@@ -76,14 +76,18 @@ _DEFAULT_WHY = {
     "quant": "QLoRA 4-bit NormalFloat",
     "double_quant": "quantize the quantization constants too (smaller)",
     "expandable_segments": "allocator setting: less fragmentation",
-    "offload_activations": "not needed",
+    "offload_activations": "off: chosen only when asked for (not yet calibrated on small cards)",
+    "loss_chunk": "logits per chunk of the fused loss (used only with loss fused)",
+    "mlp_chunk": "0 = MLP not tiled",
+    "embed_on_cpu": "off",
 }
 # Which setting each of api's reasons explains (by its first words).
 _REASON_FIELD = (("batch ", ("batch_size", "grad_accum")), ("bf16", ("compute_dtype",)),
                  ("fp16", ("compute_dtype",)), ("attention", ("attn",)),
                  ("gradient checkpointing", ("grad_ckpt",)), ("loss", ("loss",)),
                  ("prepare", ("prepare",)), ("optimizer", ("optim",)),
-                 ("activation offloading", ("offload_activations",)))
+                 ("activation offloading", ("offload_activations",)),
+                 ("MLP tiled", ("mlp_chunk",)), ("input embeddings", ("embed_on_cpu",)))
 
 
 def reasons_by_setting(reasons, fixed: dict[str, Any], longest: bool) -> tuple[dict[str, str], list[str]]:
