@@ -42,7 +42,7 @@ def flops_per_micro_batch(model: ModelProfile, cfg: TrainConfig) -> float:
     lora = sum(cfg.lora_rank * (s.in_features + s.out_features) for s in model.linear_shapes()
                if s.name in model.resolve_targets(cfg.lora_targets)) * model.num_hidden_layers
     flops += 2 * lora * t * (passes + 1)
-    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
+    if cfg.mlp_chunk:
         # tiled MLPs run their forward once more (each chunk's checkpoint in backward)
         mlp = sum(s.weight_params for s in model.linear_shapes()
                   if s.name in ("gate", "up", "down", "gate_up"))

@@ -168,7 +168,7 @@ def tile_mlp(model, cfg: TrainConfig) -> int:
         inner = mlp.forward
 
         def forward(x, _inner=inner):
-            if x.dim() != 3 or x.shape[1] <= rows or not torch.is_grad_enabled():
+            if x.dim() != 3 or not torch.is_grad_enabled():
                 return _inner(x)
             return torch.cat([checkpoint(_inner, part, use_reentrant=False)
                               for part in x.split(rows, dim=1)], dim=1)
@@ -254,9 +254,9 @@ def activation_offload(cfg: TrainConfig):
     """A context in which the tensors autograd saves in forward go to pinned CPU memory.
 
     With checkpointing, those are the block inputs (and the loss inputs); they come back
-    for the backward pass. A no-op unless ``cfg.offload_activations``.
+    for the backward pass. A no-op unless ``cfg.offload_activations`` and checkpointing.
     """
-    if not cfg.offload_activations:
+    if not (cfg.offload_activations and cfg.grad_ckpt):
         return contextlib.nullcontext()
     import torch
 
