@@ -26,6 +26,12 @@ ACT_COEF = {
 # runs at 8k-16k tokens, where it dominates the loss: 1.32-1.37).
 BLOCK_BACKWARD_FACTOR = 1.40
 
+# A tiled MLP (mlp_chunk) also holds its chunks' concatenated outputs and their gradients:
+# bytes per token per hidden element in a recomputed block's backward. Fitted to a capped
+# 12,800-token Llama-3.1-8B run (-4.8% without it); 22,528 and 43,008 tokens then ran out of
+# memory where the estimate without it said they fit (results/longest_seq.md).
+TILED_EXTRA_PER_H = 11.5
+
 # Bytes per logit at the standard loss's peak (16-bit logits, float32 copy, float32
 # log-softmax, float32 gradient): 11.9-12.1 measured over 2k-8k tokens, 32k-152k vocabularies.
 LOGITS_STANDARD_BYTES = 12.0

@@ -236,7 +236,9 @@ def block_activation_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
     """One block's activations for the micro-batch, with MLP tiling taken into account."""
     t = _tokens(cfg)
     mlp = mlp_bytes_per_token(model, cfg)
-    return t * (layer_activation_bytes_per_token(model, cfg) - mlp) + _tiled_tokens(cfg) * mlp
+    tiled = _tiled_tokens(cfg)
+    extra = C.TILED_EXTRA_PER_H * model.hidden_size * t if cfg.mlp_chunk and not _offloaded(cfg) else 0
+    return t * (layer_activation_bytes_per_token(model, cfg) - mlp) + tiled * mlp + extra
 
 
 def block_backward_peak(model: ModelProfile, cfg: TrainConfig) -> int:
