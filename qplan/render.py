@@ -211,7 +211,10 @@ def print_lines(lines: Iterable[str], *, style: str | None = None) -> None:
 
 def print_error(message: str, *, hints: Iterable[str] = ()) -> None:
     c = console(stderr=True)
-    c.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True, markup=True)
+    from rich.markup import escape
+
+    # the message is plain text: brackets in it (pip install 'qplan[train]') are not markup
+    c.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, markup=True)
     for h in hints:
         c.print(f"  {h}", markup=False, soft_wrap=True)
 

@@ -438,3 +438,23 @@ def test_without_a_plan_the_planner_chooses_with_flags_held(model_dir):
     c = s.plan.config
     assert c.seq_len == 64 and c.lora_rank == 8 and c.effective_batch == 8
     assert s.gpu.name == planning.CPU_PLANNING_GPU and s.simulate is None
+
+
+def test_run_without_the_training_stack_says_what_to_install(monkeypatch, tmp_path):
+    """The core install has no torch: `qplan run` names the missing libraries and the extra."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from qplan.cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("peft", "bitsandbytes") else real(name, *a))
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    r = CliRunner().invoke(cli, ["run", "--model", "llama-3.1-8b", "--data", str(data),
+                                 "--gpu", "rtx-4060"])
+    assert r.exit_code != 0
+    assert "peft, bitsandbytes" in r.output and "pip install 'qplan[train]'" in r.output
+    assert "Traceback" not in r.output

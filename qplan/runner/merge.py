@@ -38,6 +38,9 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None,
           dtype: str = "bf16") -> MergeReport:
     """Load ``base`` (default: the one the adapter names) in ``dtype``, apply the adapter,
     ``merge_and_unload``, and save the model and the tokenizer to ``output``."""
+    from qplan.runner.run import require_training_stack
+
+    require_training_stack()
     a, out = Path(adapter).expanduser(), Path(output).expanduser()
     if not (a / "adapter_config.json").is_file():
         raise BadInputError(f"--adapter {str(a)!r} has no adapter_config.json; give the --output "

@@ -272,11 +272,27 @@ def _load_report(run_dir: Path) -> tuple[list[AttemptReport], list[list[dict]]]:
     return attempts, steps
 
 
+TRAINING_STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def require_training_stack() -> None:
+    """Raise RunError naming what is missing when the training libraries are not installed
+    (the core install plans without them; training needs ``qplan[train]``)."""
+    import importlib.util
+
+    missing = [m for m in TRAINING_STACK if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RunError(f"training needs {', '.join(missing)}, which are not installed here; "
+                       "install the training extra: pip install 'qplan[train]' (planning "
+                       "commands work without it)")
+
+
 def run(req: RunRequest, *, notify: Notify | None = None, pm=None) -> RunReport:
     """Train as ``req`` says; the report. Raises RunError (with ``.report``) when the run
     cannot finish: nothing fits, attempts are exhausted, the process was killed or failed.
     An interrupted run (SIGTERM / Ctrl-C) returns its report with status "interrupted"."""
     notify = notify or _print
+    require_training_stack()
     if req.resume:
         run_dir = Path(req.resume)
         state = _read_json(run_dir / RUN_FILE)
