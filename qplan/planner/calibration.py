@@ -27,10 +27,11 @@ ACT_COEF = {
 BLOCK_BACKWARD_FACTOR = 1.40
 
 # A tiled MLP (mlp_chunk) also holds its chunks' concatenated outputs and their gradients:
-# bytes per token per hidden element in a recomputed block's backward. Fitted to a capped
-# 12,800-token Llama-3.1-8B run (-4.8% without it); 22,528 and 43,008 tokens then ran out of
-# memory where the estimate without it said they fit (results/longest_seq.md).
-TILED_EXTRA_PER_H = 11.5
+# bytes per token per hidden element in a recomputed block's backward. Fitted to capped
+# Llama-3.1-8B runs of 12,800, 18,944 and 36,352 tokens (+4.9%, -0.1%, -0.8% with it; -4.8%,
+# -3.2%, -4.8% without); 22,528 and 43,008 tokens ran out of memory where the estimate without
+# it said they fit (results/longest_seq.md).
+TILED_EXTRA_PER_H = 16.0
 
 # Bytes per logit at the standard loss's peak (16-bit logits, float32 copy, float32
 # log-softmax, float32 gradient): 11.9-12.1 measured over 2k-8k tokens, 32k-152k vocabularies.
