@@ -287,7 +287,7 @@ def cuda_context(gpu: GpuProfile | None) -> int:
     return int(C.CUDA_CONTEXT_GIB * GIB)
 
 
-def allocator_overhead(model: ModelProfile, cfg: TrainConfig, dynamic: int) -> int:
+def allocator_overhead(model: ModelProfile, cfg: TrainConfig, activations: int, work: int) -> int:
     """What the caching allocator reserves beyond what is allocated at the peak.
 
     Mostly the large, short-lived logits buffers of the standard loss, which leave
@@ -298,7 +298,7 @@ def allocator_overhead(model: ModelProfile, cfg: TrainConfig, dynamic: int) -> i
     logits = _tokens(cfg) * model.vocab_size * C.LOGITS_STANDARD_BYTES if cfg.loss == "standard" else 0
     frac = C.FRAG_EXPANDABLE if cfg.expandable_segments else C.FRAG_DEFAULT
     fixed = C.ALLOC_FIXED_GIB if cfg.expandable_segments else C.ALLOC_FIXED_DEFAULT_GIB
-    return int(C.FRAG_LOGITS * logits + frac * max(0, dynamic - logits) + fixed * GIB)
+    return int(C.FRAG_LOGITS * logits + frac * (activations + work) + fixed * GIB)
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
                    "logits and loss" if logits >= work else "block backward working set",
                    transient, "the larger of the loss peak and one recomputed block's backward"),
         MemoryTerm("allocator_overhead", "allocator overhead",
-                   allocator_overhead(model, cfg, act + transient),
+                   allocator_overhead(model, cfg, act, work),
                    allocator_overhead.__doc__.split("\n")[0]),
         MemoryTerm("cuda_context", "CUDA context", cuda_context(gpu),
                    cuda_context.__doc__.split("\n")[0]),
