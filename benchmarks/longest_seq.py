@@ -126,7 +126,6 @@ def main() -> None:
         return
     t0 = time.time()
     from memory_accuracy import build_and_save  # noqa: F401  (needs torch: GPU machine)
-    from qplan import api
 
     if not (Path(args.workdir) / MODEL / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_accuracy.py"), "--models", MODEL,

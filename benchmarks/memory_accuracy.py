@@ -255,7 +255,6 @@ def run_fresh(args) -> None:
     """Each configuration in a new process: NVML's peak is then the process's own."""
     import subprocess
 
-    from qplan import api
 
     items = json.loads(Path(args.fresh).read_text())
     t0 = time.time()

@@ -4,7 +4,6 @@ Everything returns typed data; domain errors are raised, never printed.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from qplan.errors import BadInputError, DoesNotFitError
 from qplan.planner.config import TrainConfig
 from qplan.planner.memory import MemoryEstimate, estimate_memory
 from qplan.planner.plan import Plan
-from qplan.planner.search import evaluate, search, usable_bytes
+from qplan.planner.search import search, usable_bytes
 from qplan.planner.speed import SpeedEstimate, estimate_speed
 from qplan.profiles.gpus import GIB, GpuProfile, custom_gpu
 from qplan.profiles.models import ModelProfile

@@ -10,10 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from qplan.errors import DoesNotFitError, NotModelledError
 from qplan.planner.config import TrainConfig
 from qplan.planner.memory import MemoryEstimate, estimate_memory
-from qplan.planner.plan import Plan
 from qplan.planner.speed import SpeedEstimate, estimate_speed
 from qplan.profiles.gpus import GIB, GpuProfile
 from qplan.profiles.models import ModelProfile

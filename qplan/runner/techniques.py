@@ -38,7 +38,6 @@ def load_model(path: str, cfg: TrainConfig, device_map: Any = None):
     After loading, unreferenced tensors that ``from_pretrained`` leaves behind are
     collected and the CUDA cache emptied (several GiB on large models otherwise).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=torch_dtype(cfg), attn_implementation=cfg.attn)
