@@ -119,11 +119,13 @@ def _reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, target: int
 
 
 def make_plan(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *, target: int,
-              model_ref: str | None = None, capacity_bytes: int | None = None, pm=None) -> Plan:
+              model_ref: str | None = None, capacity_bytes: int | None = None, pm=None,
+              extra_reasons: tuple[str, ...] = ()) -> Plan:
     est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm)
     return Plan(model=model_ref or model.name, gpu=gpu.name, config=cfg,
                 target_effective_batch=target, device_map={"": 0}, env=_env_for(cfg),
-                reasons=_reasons(model, gpu, cfg, target), memory=est.memory, speed=est.speed)
+                reasons=_reasons(model, gpu, cfg, target) + tuple(extra_reasons),
+                memory=est.memory, speed=est.speed)
 
 
 def _policies(pm=None):
@@ -131,11 +133,28 @@ def _policies(pm=None):
 
     pm = pm or get_plugin_manager()
 
+    traces: dict = {}
+
     def policy(model, gpu, cfg):
         from qplan.plugins.calls import apply_plan_policies
 
-        return apply_plan_policies(pm, model, gpu, cfg)  # chained; None if vetoed
+        trace: list = []
+        out = apply_plan_policies(pm, model, gpu, cfg, trace)  # chained; None if vetoed
+        if out is not None and trace:
+            traces[out] = trace
+        return out
+    policy.traces = traces  # result config -> [(plugin, {field: (old, new)})]
     return [policy]
+
+
+def _policy_reasons(policies, cfg: TrainConfig) -> tuple[str, ...]:
+    """"policy FIELD: ..." reasons for the fields plugins' plan policies changed in ``cfg``."""
+    out = []
+    for pol in policies:
+        for name, changes in getattr(pol, "traces", {}).get(cfg, ()):
+            for field, (old, new) in changes.items():
+                out.append(f"policy {field}: {old} -> {new} by plugin {name!r} (plan_policy)")
+    return tuple(out)
 
 
 def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
@@ -159,10 +178,11 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
             "Leave the dtype to qplan (fp16 is chosen there) or pick an Ampere or newer card.")
+    policies = _policies(pm)
     best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
                         fixed=fixed, flash_attn_available=flash_attn_available,
                         liger_available=liger_available, host_ram_bytes=host_ram_bytes,
-                        capacity_bytes=capacity_bytes, policies=_policies(pm),
+                        capacity_bytes=capacity_bytes, policies=policies,
                         adjust=_adjust_for(model, pm))
     if best is None and not seen:
         raise BadInputError(
@@ -183,7 +203,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
                               alternatives=alts)
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
-                     capacity_bytes=capacity_bytes, pm=pm)
+                     capacity_bytes=capacity_bytes, pm=pm,
+                     extra_reasons=_policy_reasons(policies, best.config))
 
 
 def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_batch: int = 16,

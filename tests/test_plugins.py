@@ -495,3 +495,17 @@ def test_guide_quotes_the_real_collision_message():
     with pytest.raises(PluginError) as e:
         build_catalog(bare_pm(copycat=gpus_plugin(gpu("rtx-4090"))))
     assert f"error: {e.value}\n" in GUIDE.read_text()
+
+
+def test_policy_changes_are_explained_in_the_plan(small_model, card):
+    """A plan says which plugin's policy changed which setting (and the CLI shows it)."""
+    plan = api.suggest(small_model, card, seq_len=1024, fixed={"lora_rank": 128},
+                       pm=bare_pm(house=cap_rank(32)))
+    why = [r for r in plan.reasons if r.startswith("policy lora_rank:")]
+    assert why and "128 -> 32" in why[0] and "'house'" in why[0]
+    from qplan.commands.planner import reasons_by_setting
+
+    by_field, _ = reasons_by_setting(plan.reasons, {"lora_rank": 128}, False)
+    assert by_field["lora_rank"].startswith("128 -> 32 by plugin 'house'")
+    plain = api.suggest(small_model, card, seq_len=1024, pm=bare_pm())
+    assert not [r for r in plain.reasons if r.startswith("policy ")]

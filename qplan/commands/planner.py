@@ -96,6 +96,9 @@ def reasons_by_setting(reasons, fixed: dict[str, Any], longest: bool) -> tuple[d
     if longest:
         out["seq_len"] = "longest sequence that fits (--longest)"
     for r in reasons:
+        if r.startswith("policy ") and ":" in r:  # "policy FIELD: old -> new by plugin 'x'"
+            out[r.split()[1].rstrip(":")] = r.split(": ", 1)[1]
+            continue
         for prefix, keys in _REASON_FIELD:
             if r.startswith(prefix):
                 for k in keys:
@@ -104,7 +107,8 @@ def reasons_by_setting(reasons, fixed: dict[str, Any], longest: bool) -> tuple[d
         else:
             rest.append(r)
     for k in fixed:
-        out[k] = f"fixed by {flag_of(k)}"
+        if not out.get(k, "").endswith("(plan_policy)"):
+            out[k] = f"fixed by {flag_of(k)}"
     return out, rest
 
 

@@ -60,10 +60,11 @@ def adjust_memory(pm: pluggy.PluginManager, model, config, terms: list) -> bool:
     return handled
 
 
-def apply_plan_policies(pm: pluggy.PluginManager, model, gpu, config):
+def apply_plan_policies(pm: pluggy.PluginManager, model, gpu, config, trace=None):
     """The candidate after every ``plan_policy``: a TrainConfig, or None if one vetoed it.
 
-    Each policy sees the previous one's result.
+    Each policy sees the previous one's result. ``trace``, a list, receives
+    ``(plugin name, {field: (old, new)})`` for every policy that changed something.
     """
     from qplan.planner.config import TrainConfig
 
@@ -75,6 +76,9 @@ def apply_plan_policies(pm: pluggy.PluginManager, model, gpu, config):
         if res is False:
             return None
         if isinstance(res, TrainConfig):
+            if trace is not None and res != config:
+                old, new = config.to_dict(), res.to_dict()
+                trace.append((name, {k: (old[k], new[k]) for k in new if old[k] != new[k]}))
             config = res
         elif res is not None:
             raise PluginError(f"plugin {name!r} failed in plan_policy: returned "
