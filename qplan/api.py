@@ -159,7 +159,7 @@ def _policy_reasons(policies, cfg: TrainConfig) -> tuple[str, ...]:
 
 def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             target_effective_batch: int = 16, fixed: dict[str, Any] | None = None,
-            flash_attn_available: bool = False, liger_available: bool = True,
+            flash_attn_available: bool = False,
             host_ram_bytes: int | None = None, capacity_bytes: int | None = None,
             model_ref: str | None = None, pm=None, find_alternatives: bool = True) -> Plan:
     """The fastest plan that fits ``gpu``; :class:`DoesNotFitError` with alternatives if none.
@@ -181,7 +181,7 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     policies = _policies(pm)
     best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
                         fixed=fixed, flash_attn_available=flash_attn_available,
-                        liger_available=liger_available, host_ram_bytes=host_ram_bytes,
+                        host_ram_bytes=host_ram_bytes,
                         capacity_bytes=capacity_bytes, policies=policies,
                         adjust=_adjust_for(model, pm))
     if best is None and not seen:

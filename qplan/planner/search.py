@@ -74,8 +74,7 @@ def _batch_sizes(target: int) -> list[int]:
 
 
 def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effective_batch: int,
-               fixed: dict[str, Any], base: dict[str, Any], *, liger_available: bool = True,
-               host_ram_bytes: int | None = None) -> Iterable[TrainConfig]:
+               fixed: dict[str, Any], base: dict[str, Any]) -> Iterable[TrainConfig]:
     """Every configuration the search considers, with user-fixed settings held."""
     grid = {
         "batch_size": _batch_sizes(target_effective_batch),
@@ -123,7 +122,7 @@ def evaluate(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *,
 
 def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effective_batch: int = 16,
            fixed: dict[str, Any] | None = None, flash_attn_available: bool = False,
-           liger_available: bool = True, host_ram_bytes: int | None = None,
+           host_ram_bytes: int | None = None,
            capacity_bytes: int | None = None, policies: Sequence[Policy] = (),
            adjust: MemoryAdjust | None = None) -> tuple[Candidate | None, list[Candidate]]:
     """Best fitting candidate (or None) and every evaluated candidate."""
@@ -132,8 +131,7 @@ def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effecti
     limit = usable_bytes(gpu, capacity_bytes)
     best: Candidate | None = None
     seen: list[Candidate] = []
-    for cfg in candidates(model, gpu, seq_len, target_effective_batch, fixed, base,
-                          liger_available=liger_available, host_ram_bytes=host_ram_bytes):
+    for cfg in candidates(model, gpu, seq_len, target_effective_batch, fixed, base):
         for pol in policies:
             cfg = pol(model, gpu, cfg)
             if cfg is None:
