@@ -95,7 +95,8 @@ def run_trial(spec: dict, out: str, workdir: str) -> None:
     torch.cuda.set_per_process_memory_fraction(cap_bytes(spec["card_gb"]) / total, 0)
     rec, _ = run_config(model, profile, cfg, 2, nvml, baseline)
     est = api.estimate(profile, api.get_gpu("h200"), cfg).memory.peak_gib
-    rec.update({"card_gb": spec["card_gb"], "recipe": spec["recipe"], "seq": cfg.seq_len,
+    rec.update({"model": MODEL, "implementation": "lowmem-v2",
+                "card_gb": spec["card_gb"], "recipe": spec["recipe"], "seq": cfg.seq_len,
                 "settings": cfg.to_dict(), "cap_gib": cap_bytes(spec["card_gb"]) / GIB,
                 "estimate_peak_gib": est, "gpu": torch.cuda.get_device_name(0),
                 "fresh_process": True})
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--cards", default="8,12,16,24", help="comma list of card sizes (GB)")
     ap.add_argument("--recipes", default="qplan,plain", help="comma list: qplan, plain")
+    ap.add_argument("--plain-trials", type=int, default=2, choices=(1, 2),
+                    help="plain recipe: trials per card (1 = only at the predicted longest)")
     ap.add_argument("--trial", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trial:
@@ -157,7 +160,7 @@ def main() -> None:
         base = spec["settings"] or {**PLAIN, "seq_len": 256}
         st = go({**spec, "settings": {**base, "seq_len": s}})
         nxt = int(s * 1.25) // 256 * 256 if st == "ok" else max(256, int(s * 0.75) // 256 * 256)
-        if nxt != s and time.time() - t0 < args.deadline:
+        if args.plain_trials > 1 and nxt != s and time.time() - t0 < args.deadline:
             go({**spec, "settings": {**base, "seq_len": nxt}})
 
 

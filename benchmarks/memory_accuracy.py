@@ -122,15 +122,16 @@ def run_config(model, profile, cfg, steps: int, nvml: NvmlPeak, baseline: int) -
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    times, status, err = [], "ok", ""
+    times, losses, status, err = [], [], "ok", ""
     v = profile.vocab_size
+    torch.manual_seed(0)  # the same tokens for every configuration of a length: losses compare
     try:
         with nvml:
             for _ in range(steps):
                 ids = torch.randint(0, v, (cfg.batch_size, cfg.seq_len), device="cuda")
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                T.train_step(peft_model, opt, cfg, [(ids, ids)])
+                losses.append(T.train_step(peft_model, opt, cfg, [(ids, ids)]))
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as e:
@@ -143,9 +144,15 @@ def run_config(model, profile, cfg, steps: int, nvml: NvmlPeak, baseline: int) -
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
         "nvml_peak_gib": (nvml.peak - baseline) / GIB,
         "step_s": times,
+        "losses": losses,
         "tokens_per_s": (cfg.batch_size * cfg.seq_len / statistics.median(times[1:]))
         if len(times) > 1 else None,
     }
+    pool = getattr(model, "_qplan_offload_pool", None)
+    if pool is not None:
+        rec["host_pinned_gib"] = pool.allocated_bytes / GIB
+        rec["host_offload_peak_gib"] = pool.peak_in_use_bytes / GIB
+        rec["pinned_failed"] = pool.pinned_failed
     # Undo: remove the adapters, free optimizer state.
     del opt
     base = peft_model.unload()
@@ -308,6 +315,7 @@ def run_one(args) -> None:
         "allocator": allocator or "default", "expandable_segments": cfg.expandable_segments,
         "fresh_process": True, "model_static_gib": static, "settings": cfg.to_dict(),
         "mlp_chunk": cfg.mlp_chunk, "embed_on_cpu": cfg.embed_on_cpu,
+        "recompute_norms": cfg.recompute_norms, "implementation": "lowmem-v2",
         "estimate_peak_gib": est.memory.peak_gib, "estimate_breakdown": est.memory.breakdown(),
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__,

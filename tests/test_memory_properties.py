@@ -41,6 +41,7 @@ def configs(draw) -> TrainConfig:
         offload_activations=draw(st.booleans()),
         mlp_chunk=draw(st.sampled_from([0, 512, 2048])),
         embed_on_cpu=draw(st.booleans()),
+        recompute_norms=draw(st.booleans()),
         loss_chunk=draw(st.sampled_from([1 << 20, 16 << 20, 64 << 20])),
     )
 
@@ -114,12 +115,20 @@ def test_mlp_tiling_never_needs_more(model, cfg):
 @FAST
 @given(models, configs())
 def test_cpu_embeddings_never_need_more_on_device(model, cfg):
-    assume(not cfg.embed_on_cpu)
+    # Only with a tiled MLP: without, CPU embeddings measured float32-sized activations
+    # (calibration.EMBED_CPU_UNTILED_COEF), which can outweigh the embedding matrix.
+    assume(not cfg.embed_on_cpu and cfg.mlp_chunk)
     on_cpu = cfg.with_(embed_on_cpu=True)
     assert peak(model, on_cpu) <= peak(model, cfg)
     if not model.tie_word_embeddings:
         assert estimate_memory(model, on_cpu).host_pinned_bytes > \
             estimate_memory(model, cfg).host_pinned_bytes
+
+
+@FAST
+@given(models, configs())
+def test_lean_norms_never_need_more(model, cfg):
+    assert peak(model, cfg.with_(recompute_norms=True)) <= peak(model, cfg.with_(recompute_norms=False))
 
 
 @FAST
@@ -181,9 +190,8 @@ def test_expandable_segments_never_need_more(model, cfg):
 @FAST
 @given(models, configs())
 def test_offload_never_needs_more_on_device(model, cfg):
-    # Not with a tiled MLP: measured together, tiling's saving did not show (the model
-    # gives it no credit under offload), so offload + tiling can estimate above tiling alone.
-    assume(cfg.mlp_chunk == 0)
+    # The block input comes back for backward (OFFLOAD_EXTRA_PER_H); every catalogue model
+    # has enough blocks (>= 16) that keeping all their inputs on the device costs more.
     cfg = cfg.with_(embed_on_cpu=False)
     on = estimate_memory(model, cfg.with_(offload_activations=True))
     off = estimate_memory(model, cfg.with_(offload_activations=False))

@@ -57,13 +57,15 @@ KNOBS: tuple[Knob, ...] = (
     Knob("expandable_segments", "--expandable-segments/--no-expandable-segments",
          "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
     Knob("offload_activations", "--offload-activations/--no-offload-activations",
-         "keep checkpointed block inputs in pinned CPU memory"),
+         "keep each checkpointed block's input in (pinned) CPU memory until its backward"),
     Knob("loss_chunk", "--loss-chunk", "logit elements per chunk of the fused loss "
          "(rows = this / vocabulary size)", click.IntRange(min=1024)),
-    Knob("mlp_chunk", "--mlp-chunk", "run each block's MLP over the sequence in checkpointed "
+    Knob("mlp_chunk", "--mlp-chunk", "run each block's MLP over the sequence in recomputed "
          "chunks of this many tokens (0 = off)", click.IntRange(min=0)),
     Knob("embed_on_cpu", "--embed-on-cpu/--no-embed-on-cpu",
          "keep the frozen input embeddings in CPU memory (untied embeddings only)"),
+    Knob("recompute_norms", "--recompute-norms/--no-recompute-norms",
+         "RMSNorms keep only their input for backward, not a float32 copy"),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

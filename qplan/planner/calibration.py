@@ -35,6 +35,29 @@ BLOCK_BACKWARD_FACTOR = 1.40
 # it said they fit (results/longest_seq.md).
 TILED_EXTRA_PER_H = 16.0
 
+# The memory-lean implementations of 2026-11-26 (qplan/runner/lowmem.py), measured on the H200
+# with Llama-3.1-8B shapes, r=32, tiled MLP (2048), CPU embeddings, 8k-64k tokens, one
+# process per run (results/raw/h200_lowmem_fit.jsonl):
+# - recompute_norms: an RMSNorm keeps its 16-bit input instead of a float32 copy: 2 bytes
+#   per hidden element saved per norm (no checkpointing, 4096 tokens: -2.0 GiB over 64 norms).
+NORM_SAVED_PER_H = 2.0
+# - ... and in a tiled, recomputed block's backward it also avoids transformers' float32
+#   gradient temporaries: per token per hidden element of the block working set (16k tokens:
+#   13.66 -> 12.44 GiB). Credited only with a tiled MLP: without tiling the MLP's backward is
+#   the peak and the norms' saving showed only partly (8k tokens: -0.31 GiB).
+NORM_BACKWARD_TEMP_PER_H = 9.7
+# - offload_activations: the block's input comes back from the host, and the recomputed
+#   output and the input's gradient exist beside it (reentrant-style backward): bytes per
+#   token per hidden element of the working set; fitted to the longest runs (32k, 64k tokens)
+#   so that the 16k runs are over-estimated by 3-5%, none under.
+OFFLOAD_EXTRA_PER_H = 12.2
+# embed_on_cpu without a tiled MLP: Llama-3.1-8B, r=32, measured with and without CPU
+# embeddings in the same session: 4096 tokens without checkpointing 43.0 vs 29.9 GiB, 8192
+# with checkpointing 11.5 vs 11.2 GiB. The differences equal kbit's activation coefficients
+# (float32 residual stream) within 2%; the cause was not found, so such configurations are
+# estimated with kbit's coefficients. The tiled runs (all with CPU embeddings) fit lean's.
+EMBED_CPU_UNTILED_COEF = "kbit"
+
 # Bytes per logit at the standard loss's peak (16-bit logits, float32 copy, float32
 # log-softmax, float32 gradient): 11.9-12.1 measured over 2k-8k tokens, 32k-152k vocabularies.
 LOGITS_STANDARD_BYTES = 12.0
@@ -64,6 +87,12 @@ BANDWIDTH_EFFICIENCY = 0.20
 # Fixed per-micro-batch overhead (Python in peft/bitsandbytes, launches), seconds.
 STEP_OVERHEAD_S = 0.18
 FUSED_LOSS_TIME_FACTOR = 1.0
-OFFLOAD_TIME_FACTOR = 1.15
+# offload: 16k tokens, 4,006 vs 4,093 tok/s (pinned copies on the compute stream)
+OFFLOAD_TIME_FACTOR = 1.03
+# recompute_norms: 8k tokens 5,345 vs 5,461 tok/s; 16k tiled 4,079 vs 4,093
+NORM_TIME_FACTOR = 1.02
+# embed_on_cpu: 8k tokens with checkpointing 5,461 vs 7,110 tok/s without; 4096 tokens without
+# checkpointing 6,656 vs 9,350 (same session, same H200)
+EMBED_CPU_TIME_FACTOR = 1.30
 EAGER_TIME_FACTOR = 1.2
 DROPOUT_TIME_FACTOR = 1.03

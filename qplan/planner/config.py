@@ -52,6 +52,9 @@ class TrainConfig:
     # Keep the (frozen) input embeddings in CPU memory: the lookup runs on the CPU and only
     # the looked-up rows go to the GPU. Untied embeddings only.
     embed_on_cpu: bool = False
+    # RMSNorms keep only their 16-bit input and one float32 scale per token for backward
+    # (recomputing the normalized values), instead of a float32 copy of the input.
+    recompute_norms: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):

@@ -198,12 +198,14 @@ def layer_activation_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> f
     to the no-checkpointing runs in ``benchmarks/results/raw`` (6 architectures, 1B to 8B,
     residuals within 3%); see :mod:`.calibration`.
     """
-    c = C.ACT_COEF[cfg.prepare if cfg.prepare in C.ACT_COEF else "lean"]
+    c = C.ACT_COEF[_coef_key(cfg)]
     per = (c["h"] * model.hidden_size + c["i"] * model.intermediate_size
            + c["qkv"] * (model.q_size + 2 * model.kv_size))
     if cfg.lora_dropout > 0:
         ins = {s.name: s.in_features for s in model.linear_shapes()}
         per += c["dropout"] * sum(ins[t] for t in model.resolve_targets(cfg.lora_targets))
+    if cfg.recompute_norms:
+        per -= C.NORM_SAVED_PER_H * model.norms_per_layer * model.hidden_size
     if cfg.attn == "eager":
         # eager attention keeps the probabilities (16-bit) and their float32 softmax:
         # heads x seq per token. Not measured on the GPU: an analytic count.
@@ -214,16 +216,23 @@ def layer_activation_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> f
 def mlp_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> float:
     """The intermediate-size part of :func:`layer_activation_bytes_per_token` (the MLP's
     gate, up and product tensors): what ``mlp_chunk`` keeps to one chunk of tokens."""
-    return C.ACT_COEF[cfg.prepare if cfg.prepare in C.ACT_COEF else "lean"]["i"] * \
-        model.intermediate_size
+    return C.ACT_COEF[_coef_key(cfg)]["i"] * model.intermediate_size
+
+
+def _coef_key(cfg: TrainConfig) -> str:
+    """Which fitted activation coefficients apply: kbit's, or lean's; CPU embeddings without
+    a tiled MLP measured like kbit's (see ``calibration.EMBED_CPU_UNTILED_COEF``)."""
+    if cfg.prepare == "kbit":
+        return "kbit"
+    if cfg.embed_on_cpu and not cfg.mlp_chunk:
+        return C.EMBED_CPU_UNTILED_COEF
+    return "lean"
 
 
 def _tiled_tokens(cfg: TrainConfig) -> int:
     """Tokens whose MLP tensors exist at once: a chunk per sequence when tiled, else all."""
-    if cfg.mlp_chunk and not _offloaded(cfg):
+    if cfg.mlp_chunk:
         return cfg.batch_size * min(cfg.seq_len, cfg.mlp_chunk)
-    # Tiling together with activation offload showed no saving on the GPU (8B, 9216 tokens:
-    # 8.73 GiB measured, 7.45 estimated with tiling's credit): no credit is given there.
     return _tokens(cfg)
 
 
@@ -233,11 +242,20 @@ def _offloaded(cfg: TrainConfig) -> bool:
 
 
 def block_activation_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
-    """One block's activations for the micro-batch, with MLP tiling taken into account."""
+    """One recomputed block's activations for the micro-batch, with MLP tiling, lean norms
+    and offload taken into account (the extras are per token per hidden element, measured;
+    see :mod:`.calibration`)."""
     t = _tokens(cfg)
     mlp = mlp_bytes_per_token(model, cfg)
     tiled = _tiled_tokens(cfg)
-    extra = C.TILED_EXTRA_PER_H * model.hidden_size * t if cfg.mlp_chunk and not _offloaded(cfg) else 0
+    per_h = 0.0
+    if cfg.mlp_chunk:
+        per_h += C.TILED_EXTRA_PER_H
+        if cfg.recompute_norms:
+            per_h -= C.NORM_BACKWARD_TEMP_PER_H
+    if _offloaded(cfg):
+        per_h += C.OFFLOAD_EXTRA_PER_H
+    extra = per_h * model.hidden_size * t
     return t * (layer_activation_bytes_per_token(model, cfg) - mlp) + tiled * mlp + extra
 
 

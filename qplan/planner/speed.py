@@ -71,6 +71,10 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> Sp
         micro *= C.FUSED_LOSS_TIME_FACTOR
     if cfg.offload_activations and cfg.grad_ckpt:  # offload only moves checkpointed inputs
         micro *= C.OFFLOAD_TIME_FACTOR
+    if cfg.recompute_norms:
+        micro *= C.NORM_TIME_FACTOR
+    if cfg.embed_on_cpu:
+        micro *= C.EMBED_CPU_TIME_FACTOR
     if cfg.attn == "eager":
         micro *= C.EAGER_TIME_FACTOR
     if cfg.lora_dropout > 0:

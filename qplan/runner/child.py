@@ -149,7 +149,7 @@ def _make_trainer_classes():
                 ctx.phase = "eval"
                 ctx.fp.fire("eval", self.state.global_step)
             dev = inputs["input_ids"].device.type
-            with torch.autocast(dev, dtype=T.torch_dtype(ctx.cfg)), T.activation_offload(ctx.cfg):
+            with torch.autocast(dev, dtype=T.torch_dtype(ctx.cfg)):
                 loss = T.causal_lm_loss(model, ctx.cfg, inputs["input_ids"], labels,
                                         position_ids=inputs["position_ids"])
             if model.training:

@@ -6,7 +6,6 @@ functions: importing this module is cheap, but calling it needs ``qplan[train]``
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 from typing import Any
 
@@ -66,6 +65,8 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     embeddings and lm_head included, cast to float32). ``lean``: freeze, keep embeddings,
     lm_head and norms in 16-bit (the norms compute in float32 internally anyway), and let
     gradients reach the inputs so checkpointed blocks have something to differentiate.
+    Then the lean RMSNorms (``recompute_norms``), the activation offload
+    (``offload_activations``) and the CPU embeddings (``embed_on_cpu``).
     """
     ckpt_kwargs = {"use_reentrant": False}
     # from_pretrained returns the model in eval mode, where transformers skips
@@ -86,8 +87,41 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     else:
         model.gradient_checkpointing_disable()
     model.config.use_cache = False
+    if cfg.recompute_norms:
+        from qplan.runner.lowmem import make_norms_lean
+
+        make_norms_lean(model)
+    if cfg.offload_activations and cfg.grad_ckpt:
+        offload_block_inputs(model, cfg)
     if cfg.embed_on_cpu:
         embeddings_to_cpu(model)
+
+
+def _decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def offload_block_inputs(model, cfg: TrainConfig, pool=None) -> int:
+    """Checkpoint every decoder block so that its saved input lives in host memory (a
+    bounded pool of pinned buffers, see :class:`qplan.runner.lowmem.PinnedPool`) until
+    the block's backward pass brings it back. Replaces the checkpointing function that
+    ``gradient_checkpointing_enable`` installed; returns how many blocks use it."""
+    import psutil
+
+    from qplan.runner.lowmem import PinnedPool, offloaded_checkpoint
+
+    if pool is None:
+        # never pin more than half the machine's memory: beyond, pageable buffers
+        pool = PinnedPool(limit_bytes=psutil.virtual_memory().total // 2)
+    fn = offloaded_checkpoint(pool, preserve_rng=cfg.lora_dropout > 0)
+    n = 0
+    for layer in _decoder_layers(model):
+        if hasattr(layer, "_gradient_checkpointing_func"):
+            layer._gradient_checkpointing_func = fn
+            n += 1
+    model._qplan_offload_pool = pool
+    return n
 
 
 def embeddings_to_cpu(model) -> None:
@@ -147,32 +181,22 @@ def add_lora(model, profile: ModelProfile, cfg: TrainConfig):
 
 
 def tile_mlp(model, cfg: TrainConfig) -> int:
-    """Run every block's MLP over the sequence in chunks of ``cfg.mlp_chunk`` tokens, each
-    chunk checkpointed, so the MLP's intermediate-size tensors (gate, up, their product:
-    most of a block's activations) exist for one chunk at a time, in forward and in the
-    recomputed forward of backward. Costs one more MLP forward per chunk in backward.
-    A no-op when ``mlp_chunk`` is 0. Returns how many MLPs were tiled."""
+    """Run every block's MLP over the sequence in chunks of ``cfg.mlp_chunk`` tokens
+    (:class:`qplan.runner.lowmem.TiledMLP`): its intermediate-size tensors (gate, up, their
+    product: most of a block's activations) exist for one chunk at a time, in forward and
+    in the recomputation of backward, and only the MLP's input is saved. Costs one more
+    MLP forward per chunk in backward. A no-op when ``mlp_chunk`` is 0. Returns how many
+    MLPs were tiled."""
     if not cfg.mlp_chunk:
         return 0
-    import torch
-    from torch.utils.checkpoint import checkpoint
+    from qplan.runner.lowmem import tiled
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    rows = cfg.mlp_chunk
     n = 0
-    for layer in base.model.layers:
+    for layer in _decoder_layers(model):
         mlp = layer.mlp
         if getattr(mlp, "_qplan_tiled", False):
             continue
-        inner = mlp.forward
-
-        def forward(x, _inner=inner):
-            if x.dim() != 3 or not torch.is_grad_enabled():
-                return _inner(x)
-            return torch.cat([checkpoint(_inner, part, use_reentrant=False)
-                              for part in x.split(rows, dim=1)], dim=1)
-
-        mlp.forward = forward
+        mlp.forward = tiled(mlp.forward, cfg.mlp_chunk, preserve_rng=cfg.lora_dropout > 0)
         mlp._qplan_tiled = True
         n += 1
     return n
@@ -249,19 +273,6 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
                                  chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
 
 
-def activation_offload(cfg: TrainConfig):
-    """A context in which the tensors autograd saves in forward go to pinned CPU memory.
-
-    With checkpointing, those are the block inputs (and the loss inputs); they come back
-    for the backward pass. A no-op unless ``cfg.offload_activations`` and checkpointing.
-    """
-    if not (cfg.offload_activations and cfg.grad_ckpt):
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-
-
 def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
     """One optimizer step over ``batches`` (micro-batches of (input_ids, labels)) under
     autocast, as Trainer does with bf16/fp16. Returns the mean loss."""
@@ -271,7 +282,7 @@ def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
     model.train()
     losses = []
     for input_ids, labels in batches:
-        with torch.autocast(dev, dtype=torch_dtype(cfg)), activation_offload(cfg):
+        with torch.autocast(dev, dtype=torch_dtype(cfg)):
             loss = causal_lm_loss(model, cfg, input_ids, labels) / len(batches)
         loss.backward()
         losses.append(float(loss.detach()) * len(batches))
