@@ -171,6 +171,8 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
     :func:`memory_dict`."""
     t = _table(title, ("term", "left"), ("GiB", "right"), ("share", "right"))
     for term in d["terms"]:
+        if term["key"] == "attention_mask" and not term["gib"]:
+            continue  # only with packed rows and sdpa/eager: noise otherwise
         t.add_row(term["label"], f"{term['gib']:.2f}", f"{term['share'] * 100:.0f}%")
     t.add_section()
     t.add_row("total peak", f"{d['peak_gib']:.2f}", "100%")

@@ -66,6 +66,8 @@ KNOBS: tuple[Knob, ...] = (
          "keep the frozen input embeddings in CPU memory (untied embeddings only)"),
     Knob("recompute_norms", "--recompute-norms/--no-recompute-norms",
          "RMSNorms keep only their input for backward, not a float32 copy"),
+    Knob("packed_rows", "--packed-rows/--no-packed-rows",
+         "rows pack several examples, as qplan run does (sdpa/eager then need a seq x seq mask)"),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

@@ -81,6 +81,7 @@ _DEFAULT_WHY = {
     "mlp_chunk": "0 = MLP not tiled",
     "embed_on_cpu": "off",
     "recompute_norms": "off: fits without (costs ~2% speed)",
+    "packed_rows": "off: one sequence per row (qplan run turns it on: it packs)",
 }
 # Which setting each of api's reasons explains (by its first words).
 _REASON_FIELD = (("batch ", ("batch_size", "grad_accum")), ("bf16", ("compute_dtype",)),

@@ -55,6 +55,10 @@ class TrainConfig:
     # RMSNorms keep only their 16-bit input and one float32 scale per token for backward
     # (recomputing the normalized values), instead of a float32 copy of the input.
     recompute_norms: bool = False
+    # Rows hold several examples with positions restarting at each (``qplan run`` packs its
+    # data this way): with sdpa or eager attention transformers then builds a boolean
+    # batch x seq x seq mask that keeps examples apart (flash_attention_2 needs none).
+    packed_rows: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):

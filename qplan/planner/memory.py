@@ -299,6 +299,17 @@ def logits_and_loss(model: ModelProfile, cfg: TrainConfig) -> int:
     return int(peak)
 
 
+def attention_mask(model: ModelProfile, cfg: TrainConfig) -> int:
+    """The mask that keeps packed examples apart: with ``packed_rows`` and sdpa or eager
+    attention, transformers materializes a boolean batch x seq x seq mask (one byte an
+    element), shared by every block and alive for the whole step. Seen on the GPU: a
+    48,896-token packed row ran out of memory under a 15.15 GiB cap where the estimate
+    without this term (14.07 GiB) said it fit (benchmarks/results/runner_gpu_longest/)."""
+    if not cfg.packed_rows or cfg.attn == "flash_attention_2":
+        return 0
+    return cfg.batch_size * cfg.seq_len * cfg.seq_len
+
+
 def cuda_context(gpu: GpuProfile | None) -> int:
     """CUDA context and the kernels PyTorch, cuBLAS and bitsandbytes load (not in torch's
     counters, but in what ``nvidia-smi`` shows). Measured; see :mod:`.calibration`."""
@@ -357,6 +368,8 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
                    optimizer_states.__doc__.split("\n")[0]),
         MemoryTerm("activations", "saved activations", act,
                    saved_activations.__doc__.split("\n")[0]),
+        MemoryTerm("attention_mask", "packed-rows attention mask", attention_mask(model, cfg),
+                   attention_mask.__doc__.split("\n")[0]),
         MemoryTerm("logits_or_working_set",
                    "logits and loss" if logits >= work else "block backward working set",
                    transient, "the larger of the loss peak and one recomputed block's backward"),

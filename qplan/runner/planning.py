@@ -99,6 +99,8 @@ def choose(*, model_ref: str, profile: ModelProfile, plan_file: str | None,
                      "CPU memory is not limited by the plan")
     flash = bool(detected is not None and _has_flash_attn())
 
+    # the runner's rows restart positions at every example (packing and padding alike)
+    overrides = {"packed_rows": True, **overrides}
     if plan_file:
         loaded = load_plan(plan_file)
         try:
