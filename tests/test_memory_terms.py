@@ -219,3 +219,28 @@ def test_phi3_rejects_llama_names_and_lists_available(phi3, bad):
 def test_llama_rejects_phi3_names(llama8b):
     with pytest.raises(ConfigError, match=r"'qkv'.*available: q \(q_proj\)"):
         llama8b.resolve_targets(("qkv",))
+
+
+@pytest.mark.parametrize("attn, expected", [("sdpa", 2 * 8192 * 8192), ("eager", 2 * 8192 * 8192),
+                                            ("flash_attention_2", 0)])
+def test_packed_rows_mask_is_batch_x_seq_squared_bytes_without_flash(llama8b, attn, expected):
+    cfg = TrainConfig(seq_len=8192, batch_size=2, attn=attn, packed_rows=True)
+    assert M.attention_mask(llama8b, cfg) == expected
+    assert M.attention_mask(llama8b, cfg.with_(packed_rows=False)) == 0
+    est = M.estimate_memory(llama8b, cfg)
+    assert est.term("attention_mask").bytes == expected
+
+
+def test_lean_norms_save_two_bytes_per_norm_and_hidden_element(llama8b):
+    per = M.layer_activation_bytes_per_token
+    off, on = per(llama8b, TrainConfig()), per(llama8b, TrainConfig(recompute_norms=True))
+    assert off - on == pytest.approx(2.0 * llama8b.norms_per_layer * llama8b.hidden_size)
+
+
+def test_offload_credits_tiling_and_counts_the_returned_input(llama8b):
+    base = TrainConfig(seq_len=32768, mlp_chunk=2048, offload_activations=True)
+    untiled = base.with_(mlp_chunk=0)
+    assert M.block_backward_peak(llama8b, base) < M.block_backward_peak(llama8b, untiled)
+    plain = M.block_activation_bytes(llama8b, base.with_(offload_activations=False))
+    assert M.block_activation_bytes(llama8b, base) - plain == pytest.approx(
+        12.2 * llama8b.hidden_size * 32768)

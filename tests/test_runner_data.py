@@ -431,6 +431,7 @@ def test_a_saved_plan_is_used_with_flags_overriding_it(model_dir, tmp_path):
     assert (got.seq_len, got.batch_size, got.grad_accum, got.loss, got.lora_rank) == (48, 4, 2, "fused", 8)
     assert (got.compute_dtype, got.attn) == ("bf16", "sdpa")  # what CPU can run
     assert s.device == "cpu" and any("on CPU" in n for n in s.notes)
+    assert got.packed_rows  # the runner's rows restart positions: the mask is counted
 
 
 def test_without_a_plan_the_planner_chooses_with_flags_held(model_dir):
@@ -438,6 +439,8 @@ def test_without_a_plan_the_planner_chooses_with_flags_held(model_dir):
     c = s.plan.config
     assert c.seq_len == 64 and c.lora_rank == 8 and c.effective_batch == 8
     assert s.gpu.name == planning.CPU_PLANNING_GPU and s.simulate is None
+    assert c.packed_rows
+    assert s.plan.memory.term("attention_mask").bytes == c.batch_size * 64 * 64
 
 
 def test_run_without_the_training_stack_says_what_to_install(monkeypatch, tmp_path):
