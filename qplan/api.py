@@ -283,7 +283,11 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
 
 # The order in which the runner makes a plan safer after an out-of-memory error.
 SAFER_STEPS = ("halve_batch", "grad_ckpt", "paged_optimizer", "fused_loss", "lean_prepare",
-               "expandable_segments", "offload_activations", "shorter_seq")
+               "expandable_segments", "offload_activations", "lean_norms", "tile_mlp",
+               "shorter_seq")
+# The tile_mlp rung splits a sequence into at least this many chunks (of >= 256 tokens): from 8
+# chunks on, tiling never needs more memory for any catalogue model (tests/test_memory_properties).
+TILE_MIN_CHUNKS = 8
 
 
 def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
@@ -292,8 +296,8 @@ def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
 
     A smaller per-device batch keeps the effective batch exactly (accumulation doubles);
     then checkpointing, a paged optimizer, a fused loss, lean preparation, expandable
-    segments, activation offloading; a shorter sequence only if allowed. None when nothing
-    is left to try.
+    segments, activation offloading, lean norms, a tiled MLP (sequences of at least 8 chunks of
+    256 tokens); a shorter sequence only if allowed. None when nothing is left to try.
     """
     if cfg.batch_size > 1 and cfg.batch_size % 2 == 0:
         b = cfg.batch_size // 2
@@ -317,6 +321,13 @@ def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
         return cfg.with_(expandable_segments=True), "allocator expandable_segments: less fragmentation"
     if not cfg.offload_activations:
         return cfg.with_(offload_activations=True), "offload checkpointed activations to CPU"
+    if not cfg.recompute_norms:
+        return (cfg.with_(recompute_norms=True),
+                "lean RMSNorms: keep their 16-bit input, not a float32 copy, for backward")
+    if not cfg.mlp_chunk and cfg.seq_len >= TILE_MIN_CHUNKS * 256:
+        chunk = cfg.seq_len // TILE_MIN_CHUNKS // 256 * 256
+        return (cfg.with_(mlp_chunk=chunk),
+                f"MLP tiled in chunks of {chunk} tokens: its large tensors exist for one chunk")
     if allow_shorter_seq and cfg.seq_len > 256:
         s = max(256, cfg.seq_len // 2)
         return cfg.with_(seq_len=s), f"sequence {cfg.seq_len} -> {s} (allowed by --allow-shorter-seq)"

@@ -330,7 +330,7 @@ def test_nothing_left_to_try_is_none():
     pm = make_plugin_manager(entry_points=False)
     safest = TrainConfig(seq_len=256, batch_size=1, grad_ckpt=True, optim="paged_adamw_8bit",
                          loss="fused", prepare="lean", expandable_segments=True,
-                         offload_activations=True)
+                         offload_activations=True, recompute_norms=True)
     assert _next(pm, safest, allow_shorter_seq=True) is None
 
 

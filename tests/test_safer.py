@@ -36,7 +36,7 @@ def ladder(cfg: TrainConfig, *, allow_shorter_seq: bool = False, limit: int = 10
 def bound(cfg: TrainConfig, allow_shorter_seq: bool) -> int:
     """Rungs at most: halvings of the batch (+1 for an odd batch), one per other knob,
     halvings of the sequence down to 256."""
-    n = math.ceil(math.log2(cfg.batch_size)) + 1 + 6
+    n = math.ceil(math.log2(cfg.batch_size)) + 1 + 8
     if allow_shorter_seq:
         n += max(0, math.ceil(math.log2(max(cfg.seq_len, 256) / 256)))
     return n
@@ -53,6 +53,8 @@ def step_name(a: TrainConfig, b: TrainConfig) -> str:
         frozenset({"prepare"}): "lean_prepare",
         frozenset({"expandable_segments"}): "expandable_segments",
         frozenset({"offload_activations"}): "offload_activations",
+        frozenset({"recompute_norms"}): "lean_norms",
+        frozenset({"mlp_chunk"}): "tile_mlp",
         frozenset({"seq_len"}): "shorter_seq",
     }
     assert frozenset(changed) in names, f"unexpected change {sorted(changed)}"
@@ -75,6 +77,8 @@ def configs(draw) -> TrainConfig:
         quant=draw(st.sampled_from(K.QUANT_TYPES)),
         expandable_segments=draw(st.booleans()),
         offload_activations=draw(st.booleans()),
+        recompute_norms=draw(st.booleans()),
+        mlp_chunk=draw(st.sampled_from([0, 0, 1024])),
     )
 
 
@@ -94,6 +98,7 @@ def test_ladder_from_a_large_config_visits_every_rung_in_order(allow):
     assert (last.batch_size, last.grad_accum) == (1, 32)
     assert last.grad_ckpt and last.optim == "paged_adamw_8bit" and last.loss == "fused"
     assert last.prepare == "lean" and last.expandable_segments and last.offload_activations
+    assert last.recompute_norms and last.mlp_chunk == 1024  # 8192 tokens in 8 chunks
     assert last.seq_len == (256 if allow else LARGE.seq_len)
 
 
@@ -117,10 +122,13 @@ def test_every_rung_explains_itself():
 def test_fully_safe_config_has_nothing_left():
     safest = TrainConfig(batch_size=1, grad_ckpt=True, optim="paged_adamw_8bit", loss="fused",
                          prepare="lean", expandable_segments=True, offload_activations=True,
-                         seq_len=256)
+                         recompute_norms=True, seq_len=256)
     assert next_safer_config(safest) is None
     assert next_safer_config(safest, allow_shorter_seq=True) is None
-    assert next_safer_config(safest.with_(seq_len=4096)) is None
+    assert next_safer_config(safest.with_(seq_len=1024)) is None  # too short to tile
+    tiled = next_safer_config(safest.with_(seq_len=4096))
+    assert tiled is not None and tiled[0].mlp_chunk == 512
+    assert next_safer_config(tiled[0]) is None
 
 
 @pytest.mark.parametrize("b,accum", [(3, 5), (5, 1), (6, 1), (7, 3), (12, 2)])
@@ -133,7 +141,8 @@ def test_odd_batch_keeps_the_effective_batch(b, accum):
 
 @pytest.mark.parametrize("seq,after", [(4096, 2048), (300, 256), (257, 256)])
 def test_shorter_sequence_halves_but_not_below_256(seq, after):
-    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True)
+    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True,
+                      recompute_norms=True, mlp_chunk=256)
     nxt = next_safer_config(cfg, allow_shorter_seq=True)
     assert nxt is not None and nxt[0].seq_len == after
     assert next_safer_config(cfg) is None
@@ -141,7 +150,8 @@ def test_shorter_sequence_halves_but_not_below_256(seq, after):
 
 @pytest.mark.parametrize("seq", [1, 100, 256])
 def test_short_sequence_is_never_shortened(seq):
-    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True)
+    cfg = TrainConfig(batch_size=1, seq_len=seq, loss="fused", offload_activations=True,
+                      recompute_norms=True)
     assert next_safer_config(cfg, allow_shorter_seq=True) is None
 
 

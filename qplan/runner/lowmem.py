@@ -51,7 +51,9 @@ class PinnedPool:
         self.peak_in_use_bytes = 0
         self.in_use_bytes = 0
         self.pinned_failed = False
-        self.registered: set[int] = set()
+        # page-locked buffers by address, held here so none is freed while registered (a
+        # forward whose backward never runs, after an OOM, drops its buffer otherwise)
+        self.registered: dict[int, Any] = {}
 
     def _alloc(self, nbytes: int):
         """A host buffer of exactly ``nbytes``: ordinary memory, page-locked with
@@ -64,7 +66,7 @@ class PinnedPool:
             rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
             if int(rc) == 0:
                 self.allocated_bytes += nbytes
-                self.registered.add(buf.data_ptr())
+                self.registered[buf.data_ptr()] = buf
             else:  # page-locked memory refused: pageable from now on
                 self.pinned_failed = True
         return buf
@@ -72,7 +74,7 @@ class PinnedPool:
     def _release(self, buf) -> None:
         if buf.data_ptr() in self.registered:
             _torch().cuda.cudart().cudaHostUnregister(buf.data_ptr())
-            self.registered.discard(buf.data_ptr())
+            del self.registered[buf.data_ptr()]
             self.allocated_bytes -= buf.numel()
 
     def is_pinned(self, buf) -> bool:
@@ -90,7 +92,7 @@ class PinnedPool:
         fit = [b for b in self.free if b.numel() >= nbytes]
         if fit:
             buf = min(fit, key=lambda b: b.numel())
-            self.free.remove(buf)
+            del self.free[next(i for i, b in enumerate(self.free) if b is buf)]
         else:
             while self.free and self.limit_bytes is not None and \
                     self.allocated_bytes + nbytes > self.limit_bytes:
@@ -263,15 +265,41 @@ def _cls(name: str, build: Callable):
 
 def rms_norm_style(module) -> str | None:
     """``"llama"`` or ``"gemma"`` for the RMSNorm modules :func:`make_norms_lean` can
-    replace, else None (LayerNorm, norms with biases, unknown formulas)."""
+    replace, else None (LayerNorm, norms with biases, other formulas).
+
+    Class names are only a first guess (Gemma3n's norm is named like Gemma's but has no
+    ``1 +`` offset; Olmo2's multiplies before casting): a candidate counts only if the lean
+    forward reproduces the module's own forward bit for bit on a probe input, in bfloat16
+    and float32."""
     name = type(module).__name__
-    if not name.endswith("RMSNorm") or getattr(module, "weight", None) is None:
+    weight = getattr(module, "weight", None)
+    if not name.endswith("RMSNorm") or weight is None or getattr(module, "bias", None) is not None:
         return None
-    if hasattr(module, "variance_epsilon") and "Gemma" not in name:
-        return "llama"
-    if "Gemma" in name and hasattr(module, "eps"):
-        return "gemma"
+    guesses = (["gemma", "llama"] if "Gemma" in name else ["llama", "gemma"])
+    for style in guesses:
+        eps = getattr(module, "variance_epsilon" if style == "llama" else "eps", None)
+        if eps is not None and _same_forward(module, eps, style == "gemma"):
+            return style
     return None
+
+
+def _same_forward(module, eps: float, offset: bool) -> bool:
+    torch = _torch()
+    Fn = _cls("norm", _build_lean_rmsnorm)
+    w = module.weight
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(3, w.shape[-1], generator=gen) * 3
+    try:
+        with torch.no_grad():
+            for dtype in (torch.bfloat16, torch.float32):
+                x = probe.to(device=w.device, dtype=dtype)
+                want = module.forward(x)
+                got = Fn.forward(_Ctx(), x, w, eps, offset)
+                if want.dtype != got.dtype or not torch.equal(want, got):
+                    return False
+    except Exception:  # a forward with other arguments or shapes: not ours to replace
+        return False
+    return True
 
 
 def make_norms_lean(model) -> int:
@@ -405,6 +433,9 @@ def tiled(mlp_forward: Callable, rows: int, preserve_rng: bool = False) -> Calla
         if x.dim() != 3 or x.shape[1] <= rows:
             return mlp_forward(x)
         if torch.is_grad_enabled():
+            if not x.requires_grad:
+                # the output must require grad for backward to reach the MLP's LoRA weights
+                x = x.detach().requires_grad_()
             return Fn.apply(x, mlp_forward, rows, preserve_rng)
         return _chunked(mlp_forward, x, rows)
 
