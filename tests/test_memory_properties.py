@@ -229,6 +229,18 @@ def test_checkpointing_is_never_faster(model, cfg, gpu):
 
 
 @FAST
+@given(models, configs(), gpus)
+def test_packed_rows_cost_memory_and_speed_except_with_flash(model, cfg, gpu):
+    packed, plain = cfg.with_(packed_rows=True), cfg.with_(packed_rows=False)
+    assert peak(model, packed) >= peak(model, plain)
+    fast = estimate_speed(model, plain, gpu).tokens_per_s
+    assert estimate_speed(model, packed, gpu).tokens_per_s <= fast
+    if cfg.attn == "flash_attention_2":
+        assert peak(model, packed) == peak(model, plain)
+        assert estimate_speed(model, packed, gpu).tokens_per_s == fast
+
+
+@FAST
 @given(models, configs(), gpus, st.integers(1, 16))
 def test_larger_batch_is_never_slower_per_token(model, cfg, gpu, extra):
     small = estimate_speed(model, cfg, gpu).tokens_per_s

@@ -95,4 +95,8 @@ NORM_TIME_FACTOR = 1.02
 # checkpointing 6,656 vs 9,350 (same session, same H200)
 EMBED_CPU_TIME_FACTOR = 1.30
 EAGER_TIME_FACTOR = 1.2
+# Attention FLOPs multiplier with a packed-rows mask under sdpa (no causal skipping, masked
+# kernel): the runner's 40,448-token packed row on the H200 ran at 1,697 tok/s, where the
+# unmasked model predicts 2,903 (benchmarks/results/runner_gpu_longest/). One run: rough.
+MASKED_ATTENTION_FACTOR = 2.5
 DROPOUT_TIME_FACTOR = 1.03

@@ -36,7 +36,11 @@ def flops_per_micro_batch(model: ModelProfile, cfg: TrainConfig) -> float:
     passes = 3 if cfg.grad_ckpt else 2  # fwd, bwd (input grads ~ fwd), recompute
     flops = 2 * dense * t * passes
     # attention: QK^T and AV, causal (half), 2 FLOPs per MAC; backward ~2.5x forward
-    attn_fwd = 2 * 2 * cfg.seq_len * model.q_size * t / 2 * model.num_hidden_layers
+    # (a packed-rows mask under sdpa/eager loses the causal kernel's skipping of the upper
+    # half, and the masked kernel is slower: C.MASKED_ATTENTION_FACTOR, measured)
+    masked = cfg.packed_rows and cfg.attn != "flash_attention_2"
+    attn_fwd = (2 * 2 * cfg.seq_len * model.q_size * t / 2 * model.num_hidden_layers
+                * (C.MASKED_ATTENTION_FACTOR if masked else 1.0))
     flops += attn_fwd * (1 + 2.5 + (1 if cfg.grad_ckpt else 0))
     # LoRA: A and B forward + both gradients, small
     lora = sum(cfg.lora_rank * (s.in_features + s.out_features) for s in model.linear_shapes()
