@@ -122,8 +122,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.trial:
         return run_trial(json.loads(args.trial), args.out, args.workdir)
-    cards = {int(c) for c in args.cards.split(",")}
+    cards = [int(c) for c in args.cards.split(",")]
     todo = [t for t in trials() if t["card_gb"] in cards and t["recipe"] in args.recipes.split(",")]
+    todo.sort(key=lambda t: (args.recipes.split(",").index(t["recipe"]), cards.index(t["card_gb"])))
     if args.plans:
         print(json.dumps(todo, indent=1))
         return

@@ -278,10 +278,12 @@ def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
     autocast, as Trainer does with bf16/fp16. Returns the mean loss."""
     import torch
 
-    dev = next(p for p in model.parameters()).device.type
     model.train()
     losses = []
     for input_ids, labels in batches:
+        # the inputs' device, not the first parameter's: with embed_on_cpu that is the CPU,
+        # and CPU autocast would leave the GPU's matmuls (and LoRA's float32) un-autocast
+        dev = input_ids.device.type
         with torch.autocast(dev, dtype=torch_dtype(cfg)):
             loss = causal_lm_loss(model, cfg, input_ids, labels) / len(batches)
         loss.backward()
