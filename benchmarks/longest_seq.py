@@ -95,7 +95,7 @@ def run_trial(spec: dict, out: str, workdir: str) -> None:
     torch.cuda.set_per_process_memory_fraction(cap_bytes(spec["card_gb"]) / total, 0)
     rec, _ = run_config(model, profile, cfg, 2, nvml, baseline)
     est = api.estimate(profile, api.get_gpu("h200"), cfg).memory.peak_gib
-    rec.update({"model": MODEL, "implementation": "lowmem-v2",
+    rec.update({"model": MODEL, "implementation": "lowmem-v2", "harness": "autocast-on-inputs-device",
                 "card_gb": spec["card_gb"], "recipe": spec["recipe"], "seq": cfg.seq_len,
                 "settings": cfg.to_dict(), "cap_gib": cap_bytes(spec["card_gb"]) / GIB,
                 "estimate_peak_gib": est, "gpu": torch.cuda.get_device_name(0),

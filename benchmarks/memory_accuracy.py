@@ -316,6 +316,7 @@ def run_one(args) -> None:
         "fresh_process": True, "model_static_gib": static, "settings": cfg.to_dict(),
         "mlp_chunk": cfg.mlp_chunk, "embed_on_cpu": cfg.embed_on_cpu,
         "recompute_norms": cfg.recompute_norms, "implementation": "lowmem-v2",
+        "harness": "autocast-on-inputs-device",
         "estimate_peak_gib": est.memory.peak_gib, "estimate_breakdown": est.memory.breakdown(),
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__,

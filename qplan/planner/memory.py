@@ -220,13 +220,8 @@ def mlp_bytes_per_token(model: ModelProfile, cfg: TrainConfig) -> float:
 
 
 def _coef_key(cfg: TrainConfig) -> str:
-    """Which fitted activation coefficients apply: kbit's, or lean's; CPU embeddings without
-    a tiled MLP measured like kbit's (see ``calibration.EMBED_CPU_UNTILED_COEF``)."""
-    if cfg.prepare == "kbit":
-        return "kbit"
-    if cfg.embed_on_cpu and not cfg.mlp_chunk:
-        return C.EMBED_CPU_UNTILED_COEF
-    return "lean"
+    """Which fitted activation coefficients apply: kbit's or lean's."""
+    return "kbit" if cfg.prepare == "kbit" else "lean"
 
 
 def _tiled_tokens(cfg: TrainConfig) -> int:
