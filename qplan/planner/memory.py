@@ -382,7 +382,7 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
             "the adjust_memory hook; dense models of similar size: see `qplan models`.")
     cap = capacity_bytes if capacity_bytes is not None else (gpu.memory_bytes if gpu else None)
     host = 0
-    if cfg.offload_activations and cfg.grad_ckpt:
+    if _offloaded(cfg):
         host = model.num_hidden_layers * _tokens(cfg) * model.hidden_size * _residual_bytes(cfg)
     if cfg.embed_on_cpu and not model.tie_word_embeddings:
         host += model.embedding_params * _unquantized_dtype_bytes(cfg)

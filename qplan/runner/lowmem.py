@@ -13,6 +13,7 @@ importing this module costs nothing on the planning path.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable
 
@@ -364,7 +365,7 @@ def _build_tiled_mlp():
             dev, on, dtype = ctx.autocast
             for k, i in enumerate(range(0, x.shape[1], ctx.rows)):
                 part = x[:, i:i + ctx.rows].detach().requires_grad_(gx is not None)
-                rng = _restored_rng(x.device, ctx.rng[k]) if ctx.rng is not None else _null()
+                rng = _restored_rng(x.device, ctx.rng[k]) if ctx.rng is not None else contextlib.nullcontext()
                 with rng, torch.enable_grad(), \
                         torch.autocast(dev, enabled=on, dtype=dtype):
                     o = ctx.mlp(part)
@@ -414,12 +415,6 @@ class _restored_rng:
         torch.set_rng_state(self.saved[0])
         if self.saved[1] is not None:
             torch.cuda.set_rng_state(self.saved[1], self.device)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def tiled(mlp_forward: Callable, rows: int, preserve_rng: bool = False) -> Callable:
