@@ -138,25 +138,14 @@ def _build_offloaded_checkpoint():
                 ctx.had_device = dev != "cpu"
                 if ctx.had_device:
                     ctx.devices, ctx.device_states = get_device_states(hidden, *args)
-            if dev == "cpu":
-                ctx.host, ctx.buf = hidden.detach().clone(), None
-            else:
-                host, buf, pinned = pool.take(hidden)
-                host.copy_(hidden.detach(), non_blocking=pinned)
-                ctx.host, ctx.buf, ctx.pinned = host, buf, pinned
+            ctx.host, ctx.buf, ctx.pinned = _stash(hidden, pool)
             ctx.args = args
             with torch.no_grad():
                 return run(hidden, *args)
 
         @staticmethod
         def backward(ctx, *grads):
-            if ctx.device.type == "cpu":
-                hidden = ctx.host
-            else:
-                hidden = ctx.host.to(ctx.device, non_blocking=ctx.pinned)
-                # the copy is queued before anything that could overwrite the buffer
-                # (the next forward's copy into it), so it can go back to the pool now
-                ctx.pool.give(ctx.buf)
+            hidden = _unstash(ctx)
             ctx.host = ctx.buf = None
             hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
             dev, on, dtype = ctx.autocast
@@ -181,6 +170,27 @@ def _build_offloaded_checkpoint():
                 (None,) * ctx.nargs
 
     return OffloadedCheckpoint
+
+
+def _stash(hidden, pool: PinnedPool):
+    """Send a checkpointed block input to host memory: ``(host tensor, pool buffer, pinned)``
+    (on a CPU run, a copy stands in)."""
+    if hidden.device.type == "cpu":
+        return hidden.detach().clone(), None, False
+    host, buf, pinned = pool.take(hidden)
+    host.copy_(hidden.detach(), non_blocking=pinned)
+    return host, buf, pinned
+
+
+def _unstash(ctx):
+    """Bring a stashed block input back to its device for the block's backward."""
+    if ctx.device.type == "cpu":
+        return ctx.host
+    hidden = ctx.host.to(ctx.device, non_blocking=ctx.pinned)
+    # the copy is queued before anything that could overwrite the buffer (the next
+    # forward's copy into it), so it can go back to the pool now
+    ctx.pool.give(ctx.buf)
+    return hidden
 
 
 def offloaded_checkpoint(pool: PinnedPool, preserve_rng: bool = False) -> Callable:
