@@ -219,26 +219,38 @@ def make_optimizer(params, cfg: TrainConfig, lr: float = 2e-4):
 # ---------------------------------------------------------------------------
 # the loss
 def _decoder_and_head(model):
-    """(decoder, lm_head, final_logit_softcapping) of a (peft-wrapped) causal LM."""
+    """(decoder, lm_head, final_logit_softcapping, logit scale) of a (peft-wrapped) causal
+    LM: the transforms its own forward applies to the logits (Gemma's soft-capping, Granite's
+    ``logits_scaling`` divisor, Cohere's ``logit_scale`` factor)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    return base.model, base.lm_head, cap
+    cfg = base.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = 1.0
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "logit_scale", None):
+        scale *= float(cfg.logit_scale)
+    return base.model, base.lm_head, cap, scale
 
 
-def _chunk_loss(hidden, weight, labels, softcap):
+def _chunk_loss(hidden, weight, labels, softcap, scale=1.0):
     import torch
     import torch.nn.functional as F
 
     logits = F.linear(hidden, weight).float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int = 256):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 = ignored),
-    computed a chunk of rows at a time: each chunk's logits are recomputed in backward
-    (checkpointed), so float32 logits for the whole batch never exist."""
+def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, scale: float = 1.0,
+                          chunk: int = 256):
+    """Mean cross-entropy of ``scale * hidden @ weight.T`` (soft-capped when ``softcap``)
+    against ``labels`` (-100 = ignored), computed a chunk of rows at a time: each chunk's
+    logits are recomputed in backward (checkpointed), so float32 logits for the whole batch
+    never exist."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -248,7 +260,7 @@ def chunked_cross_entropy(hidden, weight, labels, *, softcap=None, chunk: int = 
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         total = total + checkpoint(_chunk_loss, h[i:i + chunk], weight, y[i:i + chunk], softcap,
-                                   use_reentrant=False)
+                                   scale, use_reentrant=False)
     return total / n
 
 
@@ -264,28 +276,30 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
     if cfg.loss == "standard":
         return model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids, labels=labels).loss
-    decoder, head, cap = _decoder_and_head(model)
+    decoder, head, cap, scale = _decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids).last_hidden_state
     shift_h = hidden[:, :-1, :]
     shift_y = labels[:, 1:]
-    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap,
+    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap, scale=scale,
                                  chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
 
 
 def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
-    """One optimizer step over ``batches`` (micro-batches of (input_ids, labels)) under
-    autocast, as Trainer does with bf16/fp16. Returns the mean loss."""
+    """One optimizer step over ``batches`` (micro-batches of (input_ids, labels) or
+    (input_ids, labels, position_ids)) under autocast, as Trainer does with bf16/fp16.
+    Returns the mean loss."""
     import torch
 
     model.train()
     losses = []
-    for input_ids, labels in batches:
+    for input_ids, labels, *pos in batches:
         # the inputs' device, not the first parameter's: with embed_on_cpu that is the CPU,
         # and CPU autocast would leave the GPU's matmuls (and LoRA's float32) un-autocast
         dev = input_ids.device.type
         with torch.autocast(dev, dtype=torch_dtype(cfg)):
-            loss = causal_lm_loss(model, cfg, input_ids, labels) / len(batches)
+            loss = causal_lm_loss(model, cfg, input_ids, labels,
+                                  position_ids=pos[0] if pos else None) / len(batches)
         loss.backward()
         losses.append(float(loss.detach()) * len(batches))
     optimizer.step()
