@@ -10,10 +10,10 @@ from typing import Any
 
 from qplan.errors import BadInputError, DoesNotFitError
 from qplan.planner.config import TrainConfig
-from qplan.planner.memory import MemoryEstimate, estimate_memory
+from qplan.planner.memory import MemoryEstimate
 from qplan.planner.plan import Plan
 from qplan.planner.search import search, usable_bytes
-from qplan.planner.speed import SpeedEstimate, estimate_speed
+from qplan.planner.speed import SpeedEstimate
 from qplan.profiles.gpus import GIB, GpuProfile, custom_gpu
 from qplan.profiles.models import ModelProfile
 
@@ -74,16 +74,46 @@ def _adjust_for(model: ModelProfile, pm=None):
     return adjust
 
 
+def calibration_for(model: ModelProfile, gpu: GpuProfile, *, use: bool = True):
+    """This machine's corrections for ``model`` on ``gpu`` as a function of the regime
+    (:class:`qplan.planner.store.Correction`), or None (nothing recorded, or switched off
+    by ``use=False`` / ``QPLAN_NO_CALIBRATION=1``)."""
+    from qplan.planner import store as S
+
+    if not use or S.disabled():
+        return None
+    st = _store()
+    if not st.records():
+        return None
+    arch = S.architecture_key(model)
+    return lambda regime: st.correction(gpu.name, arch, regime)
+
+
+_STORES: dict = {}
+
+
+def _store():
+    from qplan.planner import store as S
+
+    key = str(S.qplan_home())
+    if key not in _STORES:
+        _STORES[key] = S.Store()
+    return _STORES[key]
+
+
 def estimate(model: ModelProfile, gpu: GpuProfile, config: TrainConfig, *,
-             capacity_bytes: int | None = None, pm=None) -> Estimate:
-    """Evaluate one fully specified configuration on ``gpu``."""
+             capacity_bytes: int | None = None, pm=None, use_calibration: bool = True) -> Estimate:
+    """Evaluate one fully specified configuration on ``gpu`` (corrected by this machine's
+    calibration store unless ``use_calibration`` is False)."""
     if config.seq_len > model.max_position_embeddings:
         raise BadInputError(
             f"sequence length {config.seq_len} is longer than {model.name}'s context "
             f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
-    mem = estimate_memory(model, config, gpu, capacity_bytes=capacity_bytes,
-                          adjust=_adjust_for(model, pm))
-    return Estimate(model, gpu, mem, estimate_speed(model, config, gpu))
+    from qplan.planner.search import evaluate
+
+    c = evaluate(model, gpu, config, capacity_bytes=capacity_bytes, adjust=_adjust_for(model, pm),
+                 calibration=calibration_for(model, gpu, use=use_calibration))
+    return Estimate(model, gpu, c.memory, c.speed)
 
 
 def _env_for(cfg: TrainConfig) -> dict[str, str]:
@@ -123,8 +153,9 @@ def _reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, target: int
 
 def make_plan(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *, target: int,
               model_ref: str | None = None, capacity_bytes: int | None = None, pm=None,
-              extra_reasons: tuple[str, ...] = ()) -> Plan:
-    est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm)
+              extra_reasons: tuple[str, ...] = (), use_calibration: bool = True) -> Plan:
+    est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm,
+                   use_calibration=use_calibration)
     return Plan(model=model_ref or model.name, gpu=gpu.name, config=cfg,
                 target_effective_batch=target, device_map={"": 0}, env=_env_for(cfg),
                 reasons=_reasons(model, gpu, cfg, target) + tuple(extra_reasons),
@@ -164,12 +195,17 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             target_effective_batch: int = 16, fixed: dict[str, Any] | None = None,
             flash_attn_available: bool = False,
             host_ram_bytes: int | None = None, capacity_bytes: int | None = None,
+            reserve_bytes: int | None = None, use_calibration: bool = True,
             model_ref: str | None = None, pm=None, find_alternatives: bool = True) -> Plan:
     """The fastest plan that fits ``gpu``; :class:`DoesNotFitError` with alternatives if none.
 
-    ``find_alternatives=False`` skips the search for nearby plans that fit (callers that
-    probe many settings, such as :func:`alternatives` itself, would otherwise recurse).
+    Plans are for ``qplan run``'s rows, which pack several examples (``packed_rows``)
+    unless ``fixed`` says otherwise. ``reserve_bytes``: memory the card loses to other
+    things (default: by the card's kind). ``find_alternatives=False`` skips the search for
+    nearby plans that fit (callers that probe many settings, such as :func:`alternatives`
+    itself, would otherwise recurse).
     """
+    fixed = {"packed_rows": True, **(fixed or {})}
     if seq_len > model.max_position_embeddings:
         raise BadInputError(
             f"sequence length {seq_len} is longer than {model.name}'s context "
@@ -185,8 +221,9 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
                         fixed=fixed, flash_attn_available=flash_attn_available,
                         host_ram_bytes=host_ram_bytes,
-                        capacity_bytes=capacity_bytes, policies=policies,
-                        adjust=_adjust_for(model, pm))
+                        capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
+                        policies=policies, adjust=_adjust_for(model, pm),
+                        calibration=calibration_for(model, gpu, use=use_calibration))
     if best is None and not seen:
         raise BadInputError(
             f"every candidate plan for {model.name} on {gpu.name} was vetoed by a plan policy; "
@@ -195,23 +232,24 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         smallest = min(seen, key=lambda c: c.memory.peak_bytes) if seen else None
         alts = alternatives(model, gpu, seq_len=seq_len, target=target_effective_batch,
                             fixed=fixed, capacity_bytes=capacity_bytes,
-                            pm=pm) if find_alternatives else []
+                            reserve_bytes=reserve_bytes, pm=pm) if find_alternatives else []
         msg = f"nothing fits {model.name} at {seq_len} tokens on {gpu.name}"
         if smallest is not None:
-            lim = usable_bytes(gpu, capacity_bytes) / GIB
+            lim = usable_bytes(gpu, capacity_bytes, reserve_bytes) / GIB
             big = smallest.memory.largest()
-            msg += (f": the smallest configuration needs {smallest.memory.peak_gib:.1f} GiB of "
-                    f"{lim:.1f} GiB usable; its largest term is {big.label} "
-                    f"({big.gib:.1f} GiB)")
+            msg += (f": the smallest configuration needs {smallest.memory.peak_gib:.1f} GiB "
+                    f"(+{smallest.memory.band_gib:.1f} GiB uncertainty) of {lim:.1f} GiB usable; "
+                    f"its largest term is {big.label} ({big.gib:.1f} GiB)")
         raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
                               alternatives=alts)
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
-                     capacity_bytes=capacity_bytes, pm=pm,
+                     capacity_bytes=capacity_bytes, pm=pm, use_calibration=use_calibration,
                      extra_reasons=_policy_reasons(policies, best.config))
 
 
 def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_batch: int = 16,
                      fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
+                     reserve_bytes: int | None = None, use_calibration: bool = True,
                      flash_attn_available: bool = False, host_ram_bytes: int | None = None,
                      step: int = 256, pm=None) -> Plan:
     """The plan with the longest sequence that fits (``qplan suggest --longest``)."""
@@ -221,7 +259,8 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
     def fits(s: int) -> Plan | None:
         try:
             return suggest(model, gpu, seq_len=s, target_effective_batch=target_effective_batch,
-                           fixed=fixed, capacity_bytes=capacity_bytes,
+                           fixed=fixed, capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
+                           use_calibration=use_calibration,
                            flash_attn_available=flash_attn_available,
                            host_ram_bytes=host_ram_bytes, pm=pm, find_alternatives=False)
         except DoesNotFitError:
@@ -238,20 +277,22 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
             hi = mid - 1
     if best is None:
         return suggest(model, gpu, seq_len=step, target_effective_batch=target_effective_batch,
-                       fixed=fixed, capacity_bytes=capacity_bytes, pm=pm)
+                       fixed=fixed, capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
+                       use_calibration=use_calibration, pm=pm)
     return best
 
 
 def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: int,
                  fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
-                 pm=None) -> list[str]:
+                 reserve_bytes: int | None = None, pm=None) -> list[str]:
     """Nearest plans that do fit: a shorter sequence, a smaller model, a bigger card."""
     out: list[str] = []
     s = seq_len // 2
     while s >= 128:
         try:
             p = suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,
-                        capacity_bytes=capacity_bytes, pm=pm, find_alternatives=False)
+                        capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes, pm=pm,
+                        find_alternatives=False)
             out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
@@ -263,8 +304,8 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     for m in smaller:
         try:
             p = suggest(m, gpu, seq_len=min(seq_len, m.max_position_embeddings),
-                        target_effective_batch=target, capacity_bytes=capacity_bytes, pm=pm,
-                        find_alternatives=False)
+                        target_effective_batch=target, capacity_bytes=capacity_bytes,
+                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
             out.append(f"smaller model: --model {m.name} fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
@@ -272,8 +313,8 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     bigger = sorted((g for g in cat.gpus if g.memory_gib > gpu.memory_gib), key=lambda g: g.memory_gib)
     for g in bigger:
         try:
-            p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed, pm=pm,
-                        find_alternatives=False)
+            p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed,
+                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
             out.append(f"bigger card: --gpu {g.name} ({g.memory_gib:g} GiB) fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:

@@ -53,7 +53,7 @@ def test_entry_fields(m):
     assert HF_SOURCE.match(m.source), m.source
     assert m.source == f"https://huggingface.co/{m.hf_id}/blob/main/config.json"
     assert m.model_type in {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma2",
-                            "gemma3_text", "phi3"}
+                            "gemma3_text", "phi3", "olmo2", "granite"}
     assert m.num_attention_heads % m.num_key_value_heads == 0
     if m.head_dim is None:
         assert m.hidden_size % m.num_attention_heads == 0

@@ -12,7 +12,7 @@ activations that autograd keeps) were measured on an H100 with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from qplan.errors import NotModelledError
 from qplan.planner import calibration as C
@@ -51,6 +51,10 @@ class MemoryEstimate:
     capacity_bytes: int | None = None
     host_pinned_bytes: int = 0  # host RAM for offloaded activations
     notes: tuple[str, ...] = field(default=())
+    basis: str = "analytic"  # "counted": dry-run figures of this architecture
+    regime: str = ""  # the counted regimes the activation terms come from
+    paged_bytes: int = 0  # paged optimizer states (managed memory, outside the peak)
+    band_bytes: int = 0  # how far above the estimate the real peak may be (see uncertainty_band)
 
     @property
     def peak_bytes(self) -> int:
@@ -59,6 +63,15 @@ class MemoryEstimate:
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / GIB
+
+    @property
+    def band_gib(self) -> float:
+        return self.band_bytes / GIB
+
+    @property
+    def safe_peak_bytes(self) -> int:
+        """The peak with its uncertainty band: what a plan must keep under the card."""
+        return self.peak_bytes + self.band_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -155,13 +168,20 @@ def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
 
     ``adamw_torch``: two float32 moments, 8 bytes a parameter. ``adamw_8bit`` and
     ``paged_adamw_8bit`` (bitsandbytes): two 8-bit moments plus a float32 absmax per block
-    of 256, about 2.03 bytes; paged states live in CUDA managed memory, which ``nvidia-smi``
-    counts while resident but PyTorch's allocator does not.
+    of 256, about 2.03 bytes; paged states live in CUDA managed memory, outside PyTorch's
+    allocator, paged in for the optimizer step (see :func:`optimizer_states_at_peak`).
     """
     n = lora_param_count(model, cfg)
     if cfg.optim == "adamw_torch":
         return 8 * n
     return int(n * (2 + 2 * 4 / 256))
+
+
+def optimizer_states_at_peak(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Optimizer states on the device at the activation peak: all of them, except paged
+    ones, which bitsandbytes keeps in managed memory and pages in for the optimizer step,
+    after the activations are freed (the runner's NVML readings never show them)."""
+    return 0 if cfg.optim == "paged_adamw_8bit" else optimizer_states(model, cfg)
 
 
 def saved_activations(model: ModelProfile, cfg: TrainConfig) -> int:
@@ -306,9 +326,29 @@ def attention_mask(model: ModelProfile, cfg: TrainConfig) -> int:
 
 
 def cuda_context(gpu: GpuProfile | None) -> int:
-    """CUDA context and the kernels PyTorch, cuBLAS and bitsandbytes load (not in torch's
-    counters, but in what ``nvidia-smi`` shows). Measured; see :mod:`.calibration`."""
+    """The CUDA context of the training process (what ``nvidia-smi`` shows for it before
+    anything is allocated). Measured; see :mod:`.calibration`."""
     return int(C.CUDA_CONTEXT_GIB * GIB)
+
+
+def libraries(gpu: GpuProfile | None) -> int:
+    """Workspaces and kernels of cuBLAS, cuDNN and bitsandbytes: in what ``nvidia-smi``
+    shows, not in PyTorch's counters. Measured; see :mod:`.calibration`."""
+    return int(C.LIBRARIES_GIB * GIB)
+
+
+def uncertainty_band(terms: list[MemoryTerm], basis: str) -> int:
+    """How much higher than the estimate a real peak may be, from the held-out errors of
+    the GPU grids: a share of the memory above the CUDA context for counted
+    architectures, a larger share of the activation memory for analytic ones (their
+    per-token terms were fitted to Llama-like blocks and miss what other blocks keep)."""
+    by = {t.key: t.bytes for t in terms}
+    above_context = sum(by.values()) - by.get("cuda_context", 0)
+    band = C.BAND_COUNTED * above_context
+    if basis != "counted":
+        dynamic = sum(by.get(k, 0) for k in ("activations", "attention_mask", "logits_or_working_set"))
+        band += C.BAND_ANALYTIC * dynamic
+    return int(max(band, C.BAND_MIN_GIB * GIB))
 
 
 def allocator_overhead(model: ModelProfile, cfg: TrainConfig, activations: int, work: int) -> int:
@@ -326,29 +366,165 @@ def allocator_overhead(model: ModelProfile, cfg: TrainConfig, activations: int, 
 
 
 # ---------------------------------------------------------------------------
+# counted activation memory (qplan/profiles/activation_counts, see .activations)
+@dataclass(frozen=True)
+class Dynamic:
+    """The activation memory of one micro-batch (bytes), from counts or analytic terms."""
+
+    inputs: int  # before the first block: embeddings output, rotary tables, attention masks
+    activations: int  # kept by the blocks for backward
+    transient: int  # the larger of the loss' peak and one block's backward, on top
+    transient_is_loss: bool
+    basis: str  # "counted" (dry-run figures of this architecture) or "analytic"
+    regime: str = ""
+
+
+def counts(model: ModelProfile):
+    """The counted figures of ``model``'s architecture, if they exist and match its shape."""
+    from qplan.planner.activations import counts_for
+
+    return counts_for(model)
+
+
+def _windowed(model: ModelProfile, cfg: TrainConfig) -> bool:
+    """Sliding-window layers need a mask (like packed rows) once the sequence reaches the
+    window: transformers then builds one instead of relying on SDPA's causal kernel."""
+    w = model.sliding_window
+    return bool(w) and cfg.seq_len >= w and "sliding_attention" in model.layer_kinds()
+
+
+def _rank_extra(model: ModelProfile, cfg: TrainConfig, counted_rank: int) -> tuple[float, float]:
+    """(bytes per token, bytes per block) that a LoRA rank other than the counted one adds:
+    each adapter's 16-bit rank-wide intermediate is kept for backward, and autocast keeps a
+    16-bit copy of every adapter weight for the step."""
+    dr = cfg.lora_rank - counted_rank
+    targets = model.resolve_targets(cfg.lora_targets)
+    shapes = [s for s in model.linear_shapes() if s.name in targets]
+    return 2.0 * dr * len(shapes), 2.0 * dr * sum(s.in_features + s.out_features for s in shapes)
+
+
+def counted_dynamic(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
+    """Activation memory from the architecture's dry-run counts (:mod:`.activations`).
+
+    Live at the end of the forward: what precedes the blocks (``inputs``), what every block
+    keeps, then the final norm and the loss. The peak comes later, either in the loss'
+    backward (its logits scale with the vocabulary: counted bytes per logit) or in the
+    backward of a block (the recomputed block, with checkpointing, and its gradients)."""
+    from qplan.planner.activations import evaluate, figures
+
+    b, s, t = cfg.batch_size, cfg.seq_len, _tokens(cfg)
+    packed = cfg.packed_rows and cfg.attn != "flash_attention_2"
+    tiled = bool(cfg.mlp_chunk) and s > cfg.mlp_chunk
+    args = dict(model_targets=tuple(model.target_names),
+                resolved_targets=model.resolve_targets(cfg.lora_targets))
+    f = figures(c, cfg, packed=packed, tiled=tiled, **args)
+    # sliding-window layers past their window see a mask, as packed rows do
+    fw = figures(c, cfg, packed=True, tiled=tiled, **args) if _windowed(model, cfg) and not packed else f
+
+    def ev(coef):
+        return max(0.0, evaluate(coef, b, s))
+
+    def for_kind(kind):
+        return fw if kind != "full_attention" else f
+
+    def fit(table, kind):  # a kind the count did not see has the same blocks as a global one
+        return table[kind] if kind in table else table["full_attention"]
+
+    per_tok, per_block = _rank_extra(model, cfg, c.lora_rank)
+    rank_kept = per_block + (0 if cfg.grad_ckpt else per_tok * t)
+    inputs = ev(f.prelude)
+    if fw is not f:  # the sliding layers' own boolean mask
+        inputs += b * s * s
+    kept = 0.0
+    kinds = model.layer_kinds()
+    for kind, n in kinds.items():
+        k_each = ev(fit(for_kind(kind).kept, kind)) + rank_kept
+        if kind == model.first_layer_kind:
+            kept += ev(for_kind(kind).kept_first) + rank_kept + (n - 1) * k_each
+        else:
+            kept += n * k_each
+    head = ev(f.head)
+    scale = _tiled_scale(cfg, c) if tiled else 1.0
+    block = max(_tiled_eval(fit(for_kind(k).backward, k), b, s, scale) for k in kinds)
+    block += per_tok * t if cfg.grad_ckpt else 0
+    block_phase = head + evaluate(f.entering, b, s) + block
+    logits = _loss_logits(model, cfg)
+    per_logit = c.loss_per_logit[cfg.loss]
+    loss_phase = max(head + ev(f.loss_backward), head + per_logit["peak"] * logits)
+    if cfg.loss == "standard":
+        loss_phase = max(loss_phase, head + per_logit["head"] * logits)
+    if cfg.prepare == "kbit":  # the float32 lm_head is cast to 16 bits for each use
+        loss_phase += 2 * model.vocab_size * model.hidden_size
+    transient = max(block_phase, loss_phase, 0.0)
+    return Dynamic(inputs=int(inputs), activations=int(max(kept, 0.0)), transient=int(transient),
+                   transient_is_loss=loss_phase >= block_phase, basis="counted",
+                   regime="+".join(f.composed_from))
+
+
+def _loss_logits(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Logits that exist at once in the loss: all of them (standard), one chunk (fused)."""
+    t, v = _tokens(cfg), model.vocab_size
+    return t * v if cfg.loss == "standard" else min(t, cfg.loss_chunk_rows(v)) * v
+
+
+def _tiled_scale(cfg: TrainConfig, c) -> float:
+    """A tiled MLP's chunk term was counted with ``c.mlp_chunk`` tokens a chunk."""
+    return min(cfg.seq_len, cfg.mlp_chunk) / c.mlp_chunk
+
+
+def _tiled_eval(coef: list[float], b: int, s: int, chunk_scale: float) -> float:
+    from qplan.planner.activations import evaluate
+
+    if len(coef) == 5:  # the batch term is one chunk of every row
+        coef = coef[:3] + [coef[3] * chunk_scale] + coef[4:]
+    return max(0.0, evaluate(coef, b, s))
+
+
+def analytic_dynamic(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
+    """Activation memory from the analytic terms (an architecture without counts)."""
+    act = saved_activations(model, cfg)
+    work = block_backward_peak(model, cfg)
+    logits = logits_and_loss(model, cfg)
+    return Dynamic(inputs=attention_mask(model, cfg), activations=act, transient=max(work, logits),
+                   transient_is_loss=logits >= work, basis="analytic")
+
+
+def dynamic_memory(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
+    """Counted when this architecture has counts (the catalogue's do), else analytic."""
+    c = counts(model)
+    return counted_dynamic(model, cfg, c) if c is not None else analytic_dynamic(model, cfg)
+
+
+# ---------------------------------------------------------------------------
 TermFn = Callable[[ModelProfile, TrainConfig], int]
 
 
 def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | None = None,
                     *, capacity_bytes: int | None = None,
                     adjust: Callable[[list[MemoryTerm], TrainConfig], bool] | None = None,
+                    calibration: Callable[[str], Any] | None = None,
                     ) -> MemoryEstimate:
     """Estimate the peak device memory of one training step.
 
     ``capacity_bytes`` defaults to the GPU's memory. ``adjust`` lets plugins add or change
     terms in place (the ``adjust_memory`` hook); it returns True when a plugin modelled this
-    architecture. Raises :class:`NotModelledError` for mixtures of experts unless a plugin did.
+    architecture. ``calibration(regime)`` returns this machine's correction
+    (:class:`qplan.planner.store.Correction`) for the activation terms. Raises
+    :class:`NotModelledError` for mixtures of experts unless a plugin did.
     """
     if cfg.attn == "flash_attention_2" and gpu is not None and not gpu.flash_attention_2:
         raise NotModelledError(
             f"flash_attention_2 needs compute capability 8.0 or newer; {gpu.name} has "
             f"{gpu.cc_str}. Use --attn sdpa.")
-    act = saved_activations(model, cfg)
-    work = block_backward_peak(model, cfg)
-    logits = logits_and_loss(model, cfg)
-    # The loss peak and a block's backward peak do not overlap: the loss backward
-    # finishes (and frees its float32 buffers) before the last block's backward starts.
-    transient = max(work, logits)
+    dyn = dynamic_memory(model, cfg)
+    act, inputs, transient = dyn.activations, dyn.inputs, dyn.transient
+    notes: list[str] = []
+    corr = calibration(dyn.regime or dyn.basis) if calibration is not None else None
+    if corr is not None and corr.used and corr.memory_factor != 1.0:
+        f = corr.memory_factor
+        act, inputs, transient = int(act * f), int(inputs * f), int(transient * f)
+        notes.append(f"activation memory x{f:.2f}: calibrated by {corr.records} run(s) of this "
+                     "architecture and regime on this GPU (qplan calibrate --show)")
     terms = [
         MemoryTerm("base_weights_4bit", "base weights (4-bit)" if cfg.quant != "none"
                    else "base weights (16-bit)", quantized_weights(model, cfg),
@@ -359,18 +535,24 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
                    lora_weights.__doc__.split("\n")[0]),
         MemoryTerm("gradients", "LoRA gradients", lora_gradients(model, cfg),
                    lora_gradients.__doc__.split("\n")[0]),
-        MemoryTerm("optimizer_states", "optimizer states", optimizer_states(model, cfg),
-                   optimizer_states.__doc__.split("\n")[0]),
+        MemoryTerm("optimizer_states", "optimizer states" if cfg.optim != "paged_adamw_8bit"
+                   else "optimizer states (paged out)", optimizer_states_at_peak(model, cfg),
+                   optimizer_states_at_peak.__doc__.split("\n")[0]),
         MemoryTerm("activations", "saved activations", act,
-                   saved_activations.__doc__.split("\n")[0]),
-        MemoryTerm("attention_mask", "packed-rows attention mask", attention_mask(model, cfg),
-                   attention_mask.__doc__.split("\n")[0]),
+                   "what the decoder blocks keep for backward" + (
+                       " (counted)" if dyn.basis == "counted" else "")),
+        MemoryTerm("attention_mask", "inputs, masks, rotary tables" if dyn.basis == "counted"
+                   else "packed-rows attention mask", inputs,
+                   "embeddings output, rotary tables and attention masks, before the first block"
+                   if dyn.basis == "counted" else attention_mask.__doc__.split("\n")[0]),
         MemoryTerm("logits_or_working_set",
-                   "logits and loss" if logits >= work else "block backward working set",
+                   "logits and loss" if dyn.transient_is_loss else "block backward working set",
                    transient, "the larger of the loss peak and one recomputed block's backward"),
         MemoryTerm("allocator_overhead", "allocator overhead",
-                   allocator_overhead(model, cfg, act, work),
+                   allocator_overhead(model, cfg, act + inputs, transient),
                    allocator_overhead.__doc__.split("\n")[0]),
+        MemoryTerm("libraries", "CUDA libraries", libraries(gpu),
+                   libraries.__doc__.split("\n")[0]),
         MemoryTerm("cuda_context", "CUDA context", cuda_context(gpu),
                    cuda_context.__doc__.split("\n")[0]),
     ]
@@ -388,4 +570,6 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
         host += model.embedding_params * _unquantized_dtype_bytes(cfg)
     return MemoryEstimate(model=model.name, config=cfg, terms=tuple(terms),
                           gpu=gpu.name if gpu else None, capacity_bytes=cap,
-                          host_pinned_bytes=host)
+                          host_pinned_bytes=host, basis=dyn.basis, regime=dyn.regime,
+                          paged_bytes=optimizer_states(model, cfg) - optimizer_states_at_peak(model, cfg),
+                          band_bytes=uncertainty_band(terms, dyn.basis), notes=tuple(notes))

@@ -10,17 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from qplan.planner import calibration as C
 from qplan.planner.config import TrainConfig
 from qplan.planner.memory import MemoryEstimate, estimate_memory
 from qplan.planner.speed import SpeedEstimate, estimate_speed
 from qplan.profiles.gpus import GIB, GpuProfile
 from qplan.profiles.models import ModelProfile
 
-# Keep this much of the card free: the estimate's own error, other processes.
-MARGIN_FRACTION = 0.05
-MARGIN_MIN_GIB = 0.3
-# What a display or the driver typically holds on a desktop card beyond the CUDA context.
-DRIVER_RESERVE_GIB = 0.25
 
 # A policy sees a candidate and returns it (maybe changed) or None to veto it.
 Policy = Callable[[ModelProfile, GpuProfile, TrainConfig], "TrainConfig | None"]
@@ -35,11 +31,19 @@ class Candidate:
     techniques: int  # how many memory-saving techniques it uses (tie-breaker)
 
 
-def usable_bytes(gpu: GpuProfile, capacity_bytes: int | None = None) -> int:
-    """Device memory a plan may use: the card (or the given cap) less the planning margin."""
-    cap = capacity_bytes if capacity_bytes is not None else gpu.memory_bytes - int(DRIVER_RESERVE_GIB * GIB)
-    margin = max(MARGIN_FRACTION * cap, MARGIN_MIN_GIB * GIB)
-    return int(cap - margin)
+def default_reserve_bytes(gpu: GpuProfile) -> int:
+    """What the card loses to other things before training (display, desktop), by its kind."""
+    return int(C.RESERVE_GIB.get(gpu.kind, C.RESERVE_GIB["consumer"]) * GIB)
+
+
+def usable_bytes(gpu: GpuProfile, capacity_bytes: int | None = None,
+                 reserve_bytes: int | None = None) -> int:
+    """Device memory a plan's peak plus its uncertainty band may reach: the card (or the
+    given cap) less what the display and other processes hold (``reserve_bytes``, by
+    default by the card's kind: :func:`default_reserve_bytes`)."""
+    cap = capacity_bytes if capacity_bytes is not None else gpu.memory_bytes
+    reserve = default_reserve_bytes(gpu) if reserve_bytes is None else reserve_bytes
+    return int(cap - reserve)
 
 
 def default_settings(model: ModelProfile, gpu: GpuProfile, *, flash_attn_available: bool = False,
@@ -111,20 +115,29 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
 
 
 def evaluate(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *,
-             capacity_bytes: int | None = None, adjust: MemoryAdjust | None = None) -> Candidate:
-    mem = estimate_memory(model, cfg, gpu, capacity_bytes=capacity_bytes, adjust=adjust)
-    return Candidate(cfg, mem, estimate_speed(model, cfg, gpu), _techniques(cfg))
+             capacity_bytes: int | None = None, adjust: MemoryAdjust | None = None,
+             calibration=None) -> Candidate:
+    mem = estimate_memory(model, cfg, gpu, capacity_bytes=capacity_bytes, adjust=adjust,
+                          calibration=calibration)
+    speed = estimate_speed(model, cfg, gpu)
+    if calibration is not None:
+        corr = calibration(mem.regime or mem.basis)
+        if corr.used and corr.speed_factor != 1.0:
+            speed = speed.scaled(corr.speed_factor)
+    return Candidate(cfg, mem, speed, _techniques(cfg))
 
 
 def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effective_batch: int = 16,
            fixed: dict[str, Any] | None = None, flash_attn_available: bool = False,
            host_ram_bytes: int | None = None,
-           capacity_bytes: int | None = None, policies: Sequence[Policy] = (),
-           adjust: MemoryAdjust | None = None) -> tuple[Candidate | None, list[Candidate]]:
-    """Best fitting candidate (or None) and every evaluated candidate."""
+           capacity_bytes: int | None = None, reserve_bytes: int | None = None,
+           policies: Sequence[Policy] = (), adjust: MemoryAdjust | None = None,
+           calibration=None) -> tuple[Candidate | None, list[Candidate]]:
+    """Best fitting candidate (or None) and every evaluated candidate. A candidate fits when
+    its peak plus its uncertainty band stays under :func:`usable_bytes`."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     base = default_settings(model, gpu, flash_attn_available=flash_attn_available)
-    limit = usable_bytes(gpu, capacity_bytes)
+    limit = usable_bytes(gpu, capacity_bytes, reserve_bytes)
     best: Candidate | None = None
     seen: list[Candidate] = []
     for cfg in candidates(model, gpu, seq_len, target_effective_batch, fixed, base):
@@ -134,9 +147,10 @@ def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effecti
                 break
         if cfg is None:
             continue
-        cand = evaluate(model, gpu, cfg, capacity_bytes=capacity_bytes, adjust=adjust)
+        cand = evaluate(model, gpu, cfg, capacity_bytes=capacity_bytes, adjust=adjust,
+                        calibration=calibration)
         seen.append(cand)
-        if cand.memory.peak_bytes > limit:
+        if cand.memory.safe_peak_bytes > limit:
             continue
         if host_ram_bytes is not None and cand.memory.host_pinned_bytes > 0.5 * host_ram_bytes:
             continue

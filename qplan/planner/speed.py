@@ -28,6 +28,12 @@ class SpeedEstimate:
     def wall_time_s(self, tokens: int) -> float:
         return tokens / self.tokens_per_s if self.tokens_per_s else float("inf")
 
+    def scaled(self, factor: float) -> "SpeedEstimate":
+        """This estimate with throughput multiplied by ``factor`` (a measured correction)."""
+        from dataclasses import replace
+
+        return replace(self, tokens_per_s=self.tokens_per_s * factor, step_s=self.step_s / factor)
+
 
 def flops_per_micro_batch(model: ModelProfile, cfg: TrainConfig) -> float:
     """Matrix FLOPs of forward + backward (+ recompute) for one micro-batch."""

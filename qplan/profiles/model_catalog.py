@@ -205,21 +205,21 @@ GEMMA_2 = [
     dict(name="gemma-2-2b", hf_id="google/gemma-2-2b", model_type="gemma2",
          hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
          num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256_000,
-         max_position_embeddings=8192, tie_word_embeddings=True,
+         max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=4096,
          aliases=("gemma2-2b", "google/gemma-2-2b-it"),
          notes=GATED + "; sliding window 4096 on alternate layers"),
     # https://huggingface.co/google/gemma-2-9b/blob/main/config.json
     dict(name="gemma-2-9b", hf_id="google/gemma-2-9b", model_type="gemma2",
          hidden_size=3584, intermediate_size=14_336, num_hidden_layers=42,
          num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256_000,
-         max_position_embeddings=8192, tie_word_embeddings=True,
+         max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=4096,
          aliases=("gemma2-9b", "google/gemma-2-9b-it"),
          notes=GATED + "; sliding window 4096 on alternate layers"),
     # https://huggingface.co/google/gemma-2-27b/blob/main/config.json
     dict(name="gemma-2-27b", hf_id="google/gemma-2-27b", model_type="gemma2",
          hidden_size=4608, intermediate_size=36_864, num_hidden_layers=46,
          num_attention_heads=32, num_key_value_heads=16, head_dim=128, vocab_size=256_000,
-         max_position_embeddings=8192, tie_word_embeddings=True,
+         max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=4096,
          aliases=("gemma2-27b", "google/gemma-2-27b-it"),
          notes=GATED + "; sliding window 4096 on alternate layers"),
 ]
@@ -236,27 +236,30 @@ GEMMA_3 = [
     dict(name="gemma-3-1b", hf_id="google/gemma-3-1b-pt", model_type="gemma3_text",
          hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
          num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262_144,
-         max_position_embeddings=32_768, tie_word_embeddings=True,
-         aliases=("gemma3-1b", "google/gemma-3-1b-it"),
+         max_position_embeddings=32_768, tie_word_embeddings=True, sliding_window=512,
+         sliding_window_pattern=6, aliases=("gemma3-1b", "google/gemma-3-1b-it"),
          notes=GATED + "; text only; 5 of 6 layers use a 512-token sliding window"),
     # https://huggingface.co/google/gemma-3-4b-pt/blob/main/config.json (text_config)
     dict(name="gemma-3-4b", hf_id="google/gemma-3-4b-pt", model_type="gemma3_text",
          hidden_size=2560, intermediate_size=10_240, num_hidden_layers=34,
          num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262_208,
-         max_position_embeddings=131_072, tie_word_embeddings=True,
-         aliases=("gemma3-4b", "google/gemma-3-4b-it"), notes=GEMMA3_MM),
+         max_position_embeddings=131_072, tie_word_embeddings=True, sliding_window=1024,
+         sliding_window_pattern=6, aliases=("gemma3-4b", "google/gemma-3-4b-it"),
+         notes=GEMMA3_MM),
     # https://huggingface.co/google/gemma-3-12b-pt/blob/main/config.json (text_config)
     dict(name="gemma-3-12b", hf_id="google/gemma-3-12b-pt", model_type="gemma3_text",
          hidden_size=3840, intermediate_size=15_360, num_hidden_layers=48,
          num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262_208,
-         max_position_embeddings=131_072, tie_word_embeddings=True,
-         aliases=("gemma3-12b", "google/gemma-3-12b-it"), notes=GEMMA3_MM),
+         max_position_embeddings=131_072, tie_word_embeddings=True, sliding_window=1024,
+         sliding_window_pattern=6, aliases=("gemma3-12b", "google/gemma-3-12b-it"),
+         notes=GEMMA3_MM),
     # https://huggingface.co/google/gemma-3-27b-pt/blob/main/config.json (text_config)
     dict(name="gemma-3-27b", hf_id="google/gemma-3-27b-pt", model_type="gemma3_text",
          hidden_size=5376, intermediate_size=21_504, num_hidden_layers=62,
          num_attention_heads=32, num_key_value_heads=16, head_dim=128, vocab_size=262_208,
-         max_position_embeddings=131_072, tie_word_embeddings=True,
-         aliases=("gemma3-27b", "google/gemma-3-27b-it"), notes=GEMMA3_MM),
+         max_position_embeddings=131_072, tie_word_embeddings=True, sliding_window=1024,
+         sliding_window_pattern=6, aliases=("gemma3-27b", "google/gemma-3-27b-it"),
+         notes=GEMMA3_MM),
 ]
 
 # Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (model_type phi3).
@@ -308,6 +311,33 @@ TINYLLAMA = [
          aliases=("tinyllama", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T")),
 ]
 
+# OLMo 2 norms q and k over their whole width (q_norm: q_size, k_norm: kv_size) and puts its
+# two block norms after attention and after the MLP (model_type olmo2).
+OLMO_2 = [
+    # https://huggingface.co/allenai/OLMo-2-1124-7B/blob/main/config.json
+    dict(name="olmo-2-7b", hf_id="allenai/OLMo-2-1124-7B", model_type="olmo2",
+         hidden_size=4096, intermediate_size=11_008, num_hidden_layers=32,
+         num_attention_heads=32, num_key_value_heads=32, vocab_size=100_352,
+         max_position_embeddings=4096, aliases=("olmo2-7b", "allenai/OLMo-2-1124-7B-Instruct")),
+    # https://huggingface.co/allenai/OLMo-2-1124-13B/blob/main/config.json
+    dict(name="olmo-2-13b", hf_id="allenai/OLMo-2-1124-13B", model_type="olmo2",
+         hidden_size=5120, intermediate_size=13_824, num_hidden_layers=40,
+         num_attention_heads=40, num_key_value_heads=40, vocab_size=100_352,
+         max_position_embeddings=4096,
+         aliases=("olmo2-13b", "allenai/OLMo-2-1124-13B-Instruct")),
+]
+
+# Granite 3.x is Llama-shaped with scalar multipliers (embedding, attention, residual) and
+# logits divided by logits_scaling (16); none of them changes memory (model_type granite).
+GRANITE_3 = [
+    # https://huggingface.co/ibm-granite/granite-3.3-8b-instruct/blob/main/config.json
+    dict(name="granite-3.3-8b", hf_id="ibm-granite/granite-3.3-8b-instruct",
+         model_type="granite", hidden_size=4096, intermediate_size=12_800, num_hidden_layers=40,
+         num_attention_heads=32, num_key_value_heads=8, vocab_size=49_159,
+         max_position_embeddings=131_072, tie_word_embeddings=True,
+         aliases=("granite3.3-8b", "ibm-granite/granite-3.3-8b-base")),
+]
+
 FAMILIES = {
     "llama-2": LLAMA_2,
     "llama-3": LLAMA_3,
@@ -319,6 +349,8 @@ FAMILIES = {
     "phi": PHI,
     "smollm2": SMOLLM2,
     "tinyllama": TINYLLAMA,
+    "olmo-2": OLMO_2,
+    "granite-3": GRANITE_3,
 }
 
 

@@ -90,6 +90,12 @@ class ModelProfile:
     # a plugin may supply it through the ``adjust_memory`` hook.
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
+    # Sliding-window attention: the window (tokens), and which blocks use it: ``layer_types``
+    # as config.json lists them ("sliding_attention" / "full_attention"), or Gemma 3's
+    # ``sliding_window_pattern`` (every n-th block is global); Gemma 2 alternates.
+    sliding_window: int | None = None
+    sliding_window_pattern: int | None = None
+    layer_types: tuple[str, ...] | None = None
     family: str = ""
     aliases: tuple[str, ...] = ()
     # Free-form notes shown by ``qplan models`` (e.g. "gated on the hub").
@@ -166,6 +172,29 @@ class ModelProfile:
             LinearShape("down", "down_proj", i, h),
         )
 
+    def layer_kinds(self) -> dict[str, int]:
+        """How many blocks of each attention kind the model has (transformers' rules)."""
+        if self.layer_types:
+            out: dict[str, int] = {}
+            for t in self.layer_types:
+                out[t] = out.get(t, 0) + 1
+            return out
+        n = self.num_hidden_layers
+        if not self.sliding_window:
+            return {"full_attention": n}
+        if self.model_type in ("gemma2", "gemma3", "gemma3_text"):
+            pattern = self.sliding_window_pattern or (2 if self.model_type == "gemma2" else 6)
+            full = n // pattern
+            return {"sliding_attention": n - full, "full_attention": full} if full else \
+                {"sliding_attention": n}
+        return {"sliding_attention": n}  # Mistral v0.1 style: every block has the window
+
+    @property
+    def first_layer_kind(self) -> str:
+        if self.layer_types:
+            return self.layer_types[0]
+        return next(iter(self.layer_kinds()))
+
     @property
     def norms_per_layer(self) -> int:
         """RMSNorm weights per block: 4 for Gemma 2/3 (pre/post), else 2.
@@ -177,6 +206,10 @@ class ModelProfile:
 
     @property
     def qk_norm_params(self) -> int:
+        """q/k norm weights per block: per head (Qwen3, Gemma 3) or over the whole q and k
+        widths (OLMo 2)."""
+        if self.model_type == "olmo2":
+            return self.q_size + self.kv_size
         return 2 * self.head_size if self.model_type in ("qwen3", "gemma3", "gemma3_text") else 0
 
     # ---- parameter counts ---------------------------------------------
@@ -289,6 +322,13 @@ class ModelProfile:
             config.get("model_type") == "qwen2"
         if kwargs.get("num_experts_per_tok") is None:
             kwargs.pop("num_experts_per_tok", None)
+        if isinstance(kwargs.get("layer_types"), list):
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
+        if not isinstance(kwargs.get("sliding_window"), int) or \
+                (model_type.startswith("qwen") and not config.get("use_sliding_window")):
+            kwargs["sliding_window"] = None  # Qwen2/3 keep a window in config.json but off
+        if not isinstance(kwargs.get("sliding_window_pattern"), int):
+            kwargs.pop("sliding_window_pattern", None)
         return cls(name=name, hf_id=hf_id or name, source=source, **kwargs)
 
     def to_config_dict(self) -> dict[str, Any]:
@@ -313,5 +353,11 @@ class ModelProfile:
             d["num_experts_per_tok"] = self.num_experts_per_tok
         if self.model_type == "mistral":
             # MistralConfig defaults to a 4096-token window; v0.3 and Nemo have none.
-            d["sliding_window"] = None
+            d["sliding_window"] = self.sliding_window
+        elif self.sliding_window:
+            d["sliding_window"] = self.sliding_window
+        if self.sliding_window_pattern:
+            d["sliding_window_pattern"] = self.sliding_window_pattern
+        if self.layer_types:
+            d["layer_types"] = list(self.layer_types)
         return d
