@@ -40,6 +40,9 @@ def memory_dict(mem, *, usable_bytes: int | None = None) -> dict[str, Any]:
                   for t in mem.terms],
         "largest_term": big.key,
         "host_pinned_gib": _r(mem.host_pinned_bytes / GIB),
+        "band_gib": _r(mem.band_bytes / GIB),
+        "basis": mem.basis,
+        "paged_optimizer_gib": _r(mem.paged_bytes / GIB),
     }
 
 
@@ -181,11 +184,17 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
     cap = d.get("capacity_gib")
     if cap is not None and fit_line:
         verdict = "[green]fits[/green]" if d["fits"] else "[red]does not fit[/red]"
-        line = (f"peak {d['peak_gib']:.2f} GiB of {cap:.2f} GiB: {verdict}, "
-                f"headroom {d['headroom_gib']:+.2f} GiB")
+        line = (f"peak {d['peak_gib']:.2f} GiB (+{d.get('band_gib') or 0:.2f} uncertainty) of "
+                f"{cap:.2f} GiB: {verdict}, headroom {d['headroom_gib']:+.2f} GiB")
         if d.get("usable_gib") is not None:
-            line += f" (plans keep peak under {d['usable_gib']:.2f} GiB)"
+            line += f" (plans keep peak + uncertainty under {d['usable_gib']:.2f} GiB)"
         c.print(line)
+    if d.get("basis") == "analytic":
+        c.print("memory: this architecture has no dry-run counts; analytic terms with a wider "
+                "uncertainty band (`qplan count --model ...` counts it, with the training stack)")
+    if d.get("paged_optimizer_gib"):
+        c.print(f"paged optimizer states: {d['paged_optimizer_gib']:.2f} GiB of managed memory, "
+                "paged in for the optimizer step (after the activations are freed)")
     if d.get("host_pinned_gib"):
         c.print(f"host memory (CPU embeddings, offloaded activations): {d['host_pinned_gib']:.2f} GiB")
 
@@ -219,6 +228,15 @@ def print_error(message: str, *, hints: Iterable[str] = ()) -> None:
     c.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, markup=True)
     for h in hints:
         c.print(f"  {h}", markup=False, soft_wrap=True)
+
+
+def print_rows(title: str, headers: Iterable[str], rows: Iterable[Iterable[str]]) -> None:
+    """A plain table of string cells (first column left-aligned, the rest right)."""
+    headers = list(headers)
+    t = _table(title, *[(h, "left" if i == 0 else "right") for i, h in enumerate(headers)])
+    for r in rows:
+        t.add_row(*r)
+    console().print(t)
 
 
 def print_gpus(rows: list[dict[str, Any]]) -> None:

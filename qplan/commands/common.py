@@ -129,6 +129,7 @@ class Target:
     flash_attn_available: bool
     host_ram_bytes: int | None
     notes: list[str]
+    reserve_bytes: int | None = None  # --reserve; None: by the card's kind
 
 
 NO_GPU_MESSAGE = (
@@ -137,8 +138,34 @@ NO_GPU_MESSAGE = (
     "catalogue.")
 
 
-def resolve_target(gpu: str | None, vram: float | None) -> Target:
-    """``--gpu`` / ``--vram``, else the detected GPU 0; :class:`NoGpuError` when neither."""
+def resolve_target(gpu: str | None, vram: float | None, reserve: float | None = None) -> Target:
+    """``--gpu`` / ``--vram`` / ``--reserve``, else the detected GPU 0; :class:`NoGpuError`
+    when neither."""
+    import dataclasses
+
+    t = _resolve_gpu(gpu, vram)
+    if reserve is None:
+        return t
+    from qplan.profiles.gpus import GIB
+
+    if not 0 <= reserve < t.gpu.memory_gib:
+        from qplan.errors import BadInputError
+
+        raise BadInputError(f"--reserve must be between 0 and the card's {t.gpu.memory_gib:g} GiB "
+                            f"(got {reserve:g}); it is GiB the display and other programs hold")
+    return dataclasses.replace(t, reserve_bytes=int(reserve * GIB))
+
+
+calibration_option = click.option(
+    "--calibration/--no-calibration", default=True, show_default=True,
+    help="correct estimates with what `qplan run` measured on this machine (qplan calibrate)")
+
+reserve_option = click.option(
+    "--reserve", type=float, help="GiB the card loses to the display and other programs "
+    "(default: 0.5 for desktop cards, 0.3 laptops, 0 datacentre cards)")
+
+
+def _resolve_gpu(gpu: str | None, vram: float | None) -> Target:
     from qplan import api
     from qplan.profiles.gpus import GIB
 
@@ -226,4 +253,5 @@ def handles_errors(fn: Callable) -> Callable:
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="print JSON (schema: docs/json-schema.md)")
 __all__ = ["KNOBS", "Target", "fail", "handles_errors", "json_option", "knob_options",
-           "knob_values", "resolve_target", "config_defaults", "flag_of", "NoGpuError"]
+           "knob_values", "resolve_target", "config_defaults", "flag_of", "NoGpuError",
+           "reserve_option", "calibration_option"]

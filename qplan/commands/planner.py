@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from qplan.commands.common import (flag_of, handles_errors, json_option, knob_options,
-                                   knob_values, resolve_target)
+from qplan.commands.common import (calibration_option, flag_of, handles_errors, json_option,
+                                   knob_options, knob_values, reserve_option, resolve_target)
 from qplan.errors import BadInputError, DoesNotFitError
 
 # Characters per token for --data: a rough average for English text with BPE tokenizers.
@@ -81,7 +81,8 @@ _DEFAULT_WHY = {
     "mlp_chunk": "0 = MLP not tiled",
     "embed_on_cpu": "off",
     "recompute_norms": "off: fits without (costs ~2% speed)",
-    "packed_rows": "off: one sequence per row (qplan run turns it on: it packs)",
+    "packed_rows": "on: qplan run packs several examples a row (sdpa then needs a seq x seq "
+                   "mask); --no-packed-rows plans for a trainer that does not",
 }
 # Which setting each of api's reasons explains (by its first words).
 _REASON_FIELD = (("batch ", ("batch_size", "grad_accum")), ("bf16", ("compute_dtype",)),
@@ -135,6 +136,7 @@ Examples:
               "size such as 8GB; default: the detected GPU 0")
 @click.option("--vram", type=float, help="GiB of GPU memory to plan for (caps --gpu or the "
               "detected GPU; alone: a generic GPU of that size)")
+@reserve_option
 @click.option("--target-batch", type=click.IntRange(min=1),
               default=_api_default("suggest", "target_effective_batch"),
               show_default=True, help="effective batch (batch x accumulation) to reach")
@@ -147,11 +149,13 @@ Examples:
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
               "`qplan run --plan` and for editing")
+@calibration_option
 @json_option
 @handles_errors
-def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
-            data: Path | None, tokens: int | None, epochs: float, longest: bool,
-            save: Path | None, as_json: bool, **knobs: Any) -> None:
+def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | None,
+            target_batch: int, data: Path | None, tokens: int | None, epochs: float,
+            longest: bool, save: Path | None, calibration: bool, as_json: bool,
+            **knobs: Any) -> None:
     """Suggest the fastest QLoRA settings that fit a GPU.
 
     Every knob flag you give is held fixed; the others are searched (per-device batch,
@@ -172,11 +176,12 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
     m = api.get_model(model)
     if "lora_targets" in fixed:
         m.resolve_targets(fixed["lora_targets"])  # names the valid targets if one is wrong
-    t = resolve_target(gpu, vram)
+    t = resolve_target(gpu, vram, reserve)
     model_ref = m.name if api.catalog().models.find(model) else model
     common = dict(target_effective_batch=target_batch, fixed=fixed,
-                  capacity_bytes=t.capacity_bytes, flash_attn_available=t.flash_attn_available,
-                  host_ram_bytes=t.host_ram_bytes)
+                  capacity_bytes=t.capacity_bytes, reserve_bytes=t.reserve_bytes,
+                  flash_attn_available=t.flash_attn_available, host_ram_bytes=t.host_ram_bytes,
+                  use_calibration=calibration)
     if longest:
         import dataclasses
 
@@ -187,7 +192,8 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
 
     notes = list(t.notes)
     d = render.estimate_dict("suggest", m, t.gpu, plan.config, plan.memory, plan.speed,
-                             usable_bytes=usable_bytes(t.gpu, t.capacity_bytes), notes=notes)
+                             usable_bytes=usable_bytes(t.gpu, t.capacity_bytes, t.reserve_bytes),
+                             notes=notes)
     d["gpu_detected"] = t.detected
     d["plan"] = render.plan_dict(plan)
     n_tokens, approx, records = None, False, None
@@ -247,13 +253,13 @@ Examples:
 """
 
 
-def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
+def _fit_hint(m, gpu, cfg, capacity_bytes, reserve_bytes=None) -> str | None:
     """Walk the OOM ladder from ``cfg`` to the first configuration that fits with the margin
     `qplan suggest` keeps, if any."""
     from qplan import api
     from qplan.planner.search import usable_bytes
 
-    limit = usable_bytes(gpu, capacity_bytes)
+    limit = usable_bytes(gpu, capacity_bytes, reserve_bytes)
     changes = []
     for _ in range(16):
         step = api.next_safer_config(cfg, allow_shorter_seq=True)
@@ -262,7 +268,7 @@ def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
         cfg, why = step
         changes.append(why)
         est = api.estimate(m, gpu, cfg, capacity_bytes=capacity_bytes)
-        if est.memory.peak_bytes <= limit:
+        if est.memory.safe_peak_bytes <= limit:
             return (f"fits ({est.memory.peak_gib:.2f} GiB) after: " + "; ".join(changes)
                     + ". Or let `qplan suggest` search.")
     return None
@@ -274,11 +280,13 @@ def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:
 @click.option("--gpu", "-g", help="a catalogue name (qplan gpus) or a memory size such as "
               "8GB; default: the detected GPU 0")
 @click.option("--vram", type=float, help="GiB of GPU memory (caps --gpu or the detected GPU)")
+@reserve_option
 @knob_options(defaults=True)
+@calibration_option
 @json_option
 @handles_errors
-def estimate(model: str, gpu: str | None, vram: float | None, as_json: bool,
-             **knobs: Any) -> None:
+def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | None,
+             calibration: bool, as_json: bool, **knobs: Any) -> None:
     """Estimate the memory and speed of one fully specified configuration.
 
     No search: the flags (defaults as in TrainConfig) are the configuration. Prints the
@@ -292,19 +300,20 @@ def estimate(model: str, gpu: str | None, vram: float | None, as_json: bool,
     cfg = TrainConfig(**knob_values(knobs))
     m = api.get_model(model)
     m.resolve_targets(cfg.lora_targets)
-    t = resolve_target(gpu, vram)
+    t = resolve_target(gpu, vram, reserve)
     notes = list(t.notes)
     if cfg.compute_dtype == "bf16" and not t.gpu.bf16:
         notes.append(f"{t.gpu.name} (cc {t.gpu.cc_str}) has no bf16; use --compute-dtype fp16")
-    est = api.estimate(m, t.gpu, cfg, capacity_bytes=t.capacity_bytes)
-    usable = usable_bytes(t.gpu, t.capacity_bytes)
-    if est.fits and est.memory.peak_bytes > usable:
-        notes.append("fits, but inside the safety margin that `qplan suggest` keeps free "
-                     "(estimate error, other processes); an OOM is possible")
+    est = api.estimate(m, t.gpu, cfg, capacity_bytes=t.capacity_bytes,
+                       use_calibration=calibration)
+    usable = usable_bytes(t.gpu, t.capacity_bytes, t.reserve_bytes)
+    if est.fits and est.memory.safe_peak_bytes > usable:
+        notes.append("fits, but the estimate's uncertainty band or the memory the display and "
+                     "other programs hold (--reserve) may not leave room: an OOM is possible")
     d = render.estimate_dict("estimate", m, t.gpu, cfg, est.memory, est.speed,
                              usable_bytes=usable, notes=notes)
     d["gpu_detected"] = t.detected
-    hint = None if est.fits else _fit_hint(m, t.gpu, cfg, t.capacity_bytes)
+    hint = None if est.fits else _fit_hint(m, t.gpu, cfg, t.capacity_bytes, t.reserve_bytes)
     d["hint"] = hint
     if as_json:
         render.print_json(d)
