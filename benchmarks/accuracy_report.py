@@ -95,8 +95,14 @@ def evaluate(records: list[dict]) -> list[dict]:
     for d in records:
         model = api.get_model(d["model"])
         cfg = config_of(d)
-        est = api.estimate(model, gpu, cfg).memory.peak_gib
+        mem = api.estimate(model, gpu, cfg).memory
+        est = mem.peak_gib
         meas = measured_gib(d, model, cfg)
+        # what PyTorch's allocator held in tensors: no context, no allocator slack, no
+        # paged (managed) optimizer state
+        alloc_est = (mem.peak_bytes - mem.term("allocator_overhead").bytes
+                     - mem.term("cuda_context").bytes
+                     - (mem.term("optimizer_states").bytes if cfg.optim == "paged_adamw_8bit" else 0)) / GIB
         rows.append({
             "file": d["_file"], "model": d["model"], "seq": cfg.seq_len, "batch": cfg.batch_size,
             "rank": cfg.lora_rank, "dropout": cfg.lora_dropout, "grad_ckpt": cfg.grad_ckpt,
@@ -106,6 +112,9 @@ def evaluate(records: list[dict]) -> list[dict]:
             "allocator": d.get("allocator", ""), "superseded": superseded(d),
             "measured_gib": round(meas, 3), "estimate_gib": round(est, 3),
             "error": round((est - meas) / meas, 4),
+            "allocated_gib": d.get("peak_allocated_gib"),
+            "allocated_estimate_gib": round(alloc_est, 3),
+            "basis": "counted" if mem.term("activations").explanation.endswith("(counted)") else "analytic",
         })
     return rows
 
