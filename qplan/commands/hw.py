@@ -20,10 +20,10 @@ def hw(as_json: bool) -> None:
     """Show the detected hardware: GPUs (NVML) matched to catalogue profiles, RAM and the
     container's memory limit, CPUs, flash-attn / liger-kernel, and library versions
     (read from package metadata; nothing is imported)."""
-    from qplan import render
+    from qplan import api, render
     from qplan.planner.hardware import library_versions, probe
 
-    d = render.hardware_dict(probe(), library_versions())
+    d = render.hardware_dict(probe(gpus=api.catalog().gpus), library_versions())
     if as_json:
         render.print_json(d)
     else:

@@ -20,8 +20,9 @@ Keys (all optional; a missing key matches anything):
 * ``phase``: ``train`` (default: at the first micro-batch of ``step``), ``eval`` (at the
   first evaluation batch after ``step`` was done), or ``save`` (while the checkpoint of
   ``step`` is written: after its files were renamed into place, before its COMPLETE
-  marker; a ``kill`` there leaves a half-written checkpoint), or ``load`` (after the
-  model is loaded and prepared, before training; ``step`` is 0 there).
+  marker; a ``kill`` there leaves a half-written checkpoint), ``load`` (after the
+  model is loaded and prepared, before training; ``step`` is 0 there), or ``end`` (after
+  the last step, before the adapter is saved; ``step`` is the last step).
 
 Examples: ``oom@attempt=1,step=3``, ``kill@attempt=1,step=4``,
 ``kill@step=4,phase=save;oom@attempt=2,step=6``.
@@ -36,7 +37,7 @@ from qplan.errors import BadInputError
 
 ENV = "QPLAN_FAILPOINTS"
 ACTIONS = ("oom", "kill", "sigterm")
-PHASES = ("train", "eval", "save", "load")
+PHASES = ("train", "eval", "save", "load", "end")
 KEYS = ("attempt", "step", "phase")
 
 

@@ -109,9 +109,77 @@ class PinnedPool:
 
 
 # ---------------------------------------------------------------------------
+def _offload_forward(ctx, run, pool, preserve_rng, hidden, args):
+    """OffloadedCheckpoint.forward: remember how to recompute, send ``hidden`` to the host."""
+    torch = _torch()
+    from torch.utils.checkpoint import get_device_states
+
+    ctx.run, ctx.pool, ctx.preserve_rng = run, pool, preserve_rng
+    ctx.nargs = len(args)
+    ctx.device = hidden.device
+    ctx.hidden_requires_grad = hidden.requires_grad
+    dev = hidden.device.type
+    ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    ctx.cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    if preserve_rng:
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.had_device = dev != "cpu"
+        if ctx.had_device:
+            ctx.devices, ctx.device_states = get_device_states(hidden, *args)
+    if dev == "cpu":
+        ctx.host, ctx.buf = hidden.detach().clone(), None
+    else:
+        host, buf, pinned = pool.take(hidden)
+        host.copy_(hidden.detach(), non_blocking=pinned)
+        ctx.host, ctx.buf, ctx.pinned = host, buf, pinned
+    ctx.args = args
+    with torch.no_grad():
+        return run(hidden, *args)
+
+
+def _recompute(ctx, hidden):
+    """Re-run the block on ``hidden`` with autograd, the forward's RNG and autocast."""
+    torch = _torch()
+    from torch.utils.checkpoint import set_device_states
+
+    dev, on, dtype = ctx.autocast
+    rng_devices = ctx.devices if ctx.preserve_rng and ctx.had_device else []
+    with torch.random.fork_rng(devices=rng_devices, enabled=ctx.preserve_rng,
+                               device_type=dev if dev != "cpu" else "cuda"):
+        if ctx.preserve_rng:
+            torch.set_rng_state(ctx.cpu_rng)
+            if rng_devices:
+                set_device_states(ctx.devices, ctx.device_states, device_type=dev)
+        with torch.enable_grad(), torch.autocast(dev, enabled=on, dtype=dtype), \
+                torch.autocast("cpu", enabled=ctx.cpu_autocast[0], dtype=ctx.cpu_autocast[1]):
+            return ctx.run(hidden, *ctx.args)
+
+
+def _offload_backward(ctx, grads):
+    """OffloadedCheckpoint.backward: bring ``hidden`` back, recompute, backpropagate."""
+    torch = _torch()
+    if ctx.device.type == "cpu":
+        hidden = ctx.host
+    else:
+        hidden = ctx.host.to(ctx.device, non_blocking=ctx.pinned)
+        # the copy is queued before anything that could overwrite the buffer
+        # (the next forward's copy into it), so it can go back to the pool now
+        ctx.pool.give(ctx.buf)
+    ctx.host = ctx.buf = None
+    hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
+    out = _recompute(ctx, hidden)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if torch.is_tensor(o) and o.requires_grad and g is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    ctx.run = ctx.args = None
+    return (None, None, None, hidden.grad if ctx.hidden_requires_grad else None) + \
+        (None,) * ctx.nargs
+
+
 def _build_offloaded_checkpoint():
     torch = _torch()
-    from torch.utils.checkpoint import get_device_states, set_device_states
 
     class OffloadedCheckpoint(torch.autograd.Function):
         """Checkpoint ``run(hidden, *args)``: run it without saving anything, send
@@ -126,59 +194,11 @@ def _build_offloaded_checkpoint():
 
         @staticmethod
         def forward(ctx, run, pool, preserve_rng, hidden, *args):
-            ctx.run, ctx.pool, ctx.preserve_rng = run, pool, preserve_rng
-            ctx.nargs = len(args)
-            ctx.device = hidden.device
-            ctx.hidden_requires_grad = hidden.requires_grad
-            dev = hidden.device.type
-            ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-            ctx.cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-            if preserve_rng:
-                ctx.cpu_rng = torch.get_rng_state()
-                ctx.had_device = dev != "cpu"
-                if ctx.had_device:
-                    ctx.devices, ctx.device_states = get_device_states(hidden, *args)
-            if dev == "cpu":
-                ctx.host, ctx.buf = hidden.detach().clone(), None
-            else:
-                host, buf, pinned = pool.take(hidden)
-                host.copy_(hidden.detach(), non_blocking=pinned)
-                ctx.host, ctx.buf, ctx.pinned = host, buf, pinned
-            ctx.args = args
-            with torch.no_grad():
-                return run(hidden, *args)
+            return _offload_forward(ctx, run, pool, preserve_rng, hidden, args)
 
         @staticmethod
         def backward(ctx, *grads):
-            if ctx.device.type == "cpu":
-                hidden = ctx.host
-            else:
-                hidden = ctx.host.to(ctx.device, non_blocking=ctx.pinned)
-                # the copy is queued before anything that could overwrite the buffer
-                # (the next forward's copy into it), so it can go back to the pool now
-                ctx.pool.give(ctx.buf)
-            ctx.host = ctx.buf = None
-            hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
-            dev, on, dtype = ctx.autocast
-            rng_devices = ctx.devices if ctx.preserve_rng and ctx.had_device else []
-            with torch.random.fork_rng(devices=rng_devices, enabled=ctx.preserve_rng,
-                                       device_type=dev if dev != "cpu" else "cuda"):
-                if ctx.preserve_rng:
-                    torch.set_rng_state(ctx.cpu_rng)
-                    if rng_devices:
-                        set_device_states(ctx.devices, ctx.device_states, device_type=dev)
-                with torch.enable_grad(), torch.autocast(dev, enabled=on, dtype=dtype), \
-                        torch.autocast("cpu", enabled=ctx.cpu_autocast[0],
-                                       dtype=ctx.cpu_autocast[1]):
-                    out = ctx.run(hidden, *ctx.args)
-            outs = out if isinstance(out, tuple) else (out,)
-            pairs = [(o, g) for o, g in zip(outs, grads)
-                     if torch.is_tensor(o) and o.requires_grad and g is not None]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            ctx.run = ctx.args = None
-            return (None, None, None, hidden.grad if ctx.hidden_requires_grad else None) + \
-                (None,) * ctx.nargs
+            return _offload_backward(ctx, grads)
 
     return OffloadedCheckpoint
 
