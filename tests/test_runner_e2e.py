@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures import tiny_llama as TL
+from fixtures.run_checks import assert_each_step_once
 from qplan.cli import cli
 from qplan.errors import RunError
 from qplan.planner.plan import load_plan
 from qplan.runner import checkpoint as CK
-from qplan.runner import data as D
 from qplan.runner.run import run
 from qplan.runner.types import RunRequest
 
@@ -45,16 +45,6 @@ def request(model_dir, data, out, **kw) -> RunRequest:
     kw = {"save_steps": 2, **kw}
     return RunRequest(model=str(model_dir), data=str(data), output=str(out), cpu=True,
                       overrides=dict(SETTINGS), max_steps=STEPS, progress=False, **kw)
-
-
-def assert_each_step_once(report, effective_batch=4):
-    """Steps 1..N, each once, step k with the positions [(k-1)E, kE) of the run's order."""
-    assert [s["step"] for s in report.steps] == list(range(1, report.total_steps + 1))
-    for s in report.steps:
-        k = s["step"]
-        assert s["positions"] == list(range((k - 1) * effective_batch, k * effective_batch))
-    rows = D.step_order(report.data["rows"], report.total_steps * effective_batch, seed=42)
-    assert [r for s in report.steps for r in s["rows"]] == rows
 
 
 def adapter(path):

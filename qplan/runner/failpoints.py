@@ -11,6 +11,8 @@ Actions:
 * ``kill``: the training process sends itself SIGKILL (what the host's OOM killer does).
 * ``sigterm``: the training process sends itself SIGTERM (what ``kill PID`` or a batch
   scheduler does): it finishes the step, saves a checkpoint and exits.
+* ``hang``: the training process sleeps (10 minutes) right there, so that a test can kill
+  ``qplan run`` (or send signals) at an exact point.
 
 Keys (all optional; a missing key matches anything):
 
@@ -31,12 +33,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 
 from qplan.errors import BadInputError
 
 ENV = "QPLAN_FAILPOINTS"
-ACTIONS = ("oom", "kill", "sigterm")
+ACTIONS = ("oom", "kill", "sigterm", "hang")
+HANG_S = 600  # long enough for a test to do something to the run meanwhile
 PHASES = ("train", "eval", "save", "load", "end")
 KEYS = ("attempt", "step", "phase")
 
@@ -110,3 +115,6 @@ class Failpoints:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fp.action == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if fp.action == "hang":
+                print(f"{ENV}: hanging at {where}", file=sys.stderr, flush=True)
+                time.sleep(HANG_S)
