@@ -22,8 +22,8 @@ Examples:
 
 
 class QplanGroup(click.Group):
-    """A group that turns a qplan error escaping any command (a plugin's too) into a
-    message and its exit code instead of a traceback."""
+    """A group that turns any error escaping a command (a plugin's too) into a message and
+    its exit code instead of a traceback (QPLAN_DEBUG=1 shows the traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,6 +32,12 @@ class QplanGroup(click.Group):
             from qplan.commands.common import fail
 
             fail(e, as_json=False)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - see fail_unexpected
+            from qplan.commands.common import fail_unexpected
+
+            fail_unexpected(e, as_json=False)
 
 
 @click.group(cls=QplanGroup, epilog=CLI_EXAMPLES)

@@ -426,6 +426,32 @@ def test_errors_from_any_command_are_messages():
         cli.commands.pop("boom-test", None)
 
 
+@pytest.mark.parametrize("error, code, needles", [
+    (KeyError("hidden_act"), 1, ["unexpected error: KeyError", "This is a bug",
+                                 "QPLAN_DEBUG=1"]),
+    (PermissionError(13, "Permission denied", "/data/x.jsonl"), 2,
+     ["cannot use '/data/x.jsonl': Permission denied"]),
+], ids=["bug", "oserror"])
+def test_unexpected_errors_are_messages_not_tracebacks(monkeypatch, error, code, needles):
+    """Whatever escapes a command (its own or a plugin's) is a message; QPLAN_DEBUG=1
+    lets the traceback through for a bug report."""
+    import click
+
+    @click.command("boom-test")
+    def boom():
+        raise error
+    cli.add_command(boom)
+    try:
+        r = run("boom-test", code=code)
+        for n in needles:
+            assert n in r.output
+        monkeypatch.setenv("QPLAN_DEBUG", "1")
+        r = CliRunner().invoke(cli, ["boom-test"])
+        assert r.exception is error
+    finally:
+        cli.commands.pop("boom-test", None)
+
+
 def test_estimate_hint_walks_the_oom_ladder():
     """A configuration far over the card gets the first safer one that fits, with the steps."""
     args = ["estimate", "--model", BIG, "--gpu", "rtx-4090", "--batch", "16", "--no-grad-ckpt"]

@@ -131,6 +131,20 @@ def test_oom_at_step_3_is_recovered_with_the_same_effective_batch(model_dir, tex
     assert load_plan(tmp_path / "o" / "plan.yaml").config.batch_size == 1
 
 
+def test_oom_in_evaluation_names_the_step_it_came_after(model_dir, text_data, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("QPLAN_FAILPOINTS", "oom@attempt=1,step=2,phase=eval")
+    messages = []
+    rep = run(request(model_dir, text_data, tmp_path / "o", eval_split=0.2),
+              notify=messages.append)
+    assert rep.status == "ok"
+    a1 = rep.attempts[0]
+    assert (a1.ended, a1.oom_phase, a1.oom_step, a1.last_step) == ("oom", "eval", 2, 2)
+    assert any("ran out of GPU memory in evaluation after step 2" in m for m in messages)
+    assert rep.attempts[1].resumed_from == 2  # saved after the OOM: step 2 was complete
+    assert_each_step_once(rep)
+
+
 # ---- kill, SIGTERM, resume -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def killed_then_resumed(model_dir, text_data, tmp_path_factory):

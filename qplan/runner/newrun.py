@@ -77,6 +77,11 @@ def resolve_model(name: str, pm=None) -> Model:
     return Model(api.model_ref(name, profile, pm=pm), path, profile, local, _go_offline(local))
 
 
+def _params(m: ModelProfile) -> str:
+    n = m.total_params
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def _shape(m: ModelProfile) -> dict:
     return m.to_config_dict()
 
@@ -90,11 +95,10 @@ def check_plan_model(plan: Plan, plan_file: str, model: Model, given: str, pm=No
                 f"{given}: {str(e).split(';')[0]}")
     if _shape(planned) != _shape(model.profile):
         raise BadInputError(
-            f"--plan {plan_file} was made for {plan.model} ({planned.total_params / 1e9:.2f}B "
-            f"parameters), but --model {given} has another shape "
-            f"({model.profile.total_params / 1e9:.2f}B): the plan's settings and estimate do "
-            f"not apply to it. Make a plan for it (qplan suggest --model {given} --save "
-            f"plan.yaml), or drop --model to train {plan.model}")
+            f"--plan {plan_file} was made for {plan.model} ({_params(planned)} parameters), but "
+            f"--model {given} has another shape ({_params(model.profile)}): the plan's settings "
+            f"and estimate do not apply to it. Make a plan for it (qplan suggest --model "
+            f"{given} --save plan.yaml), or drop --model to train {plan.model}")
     return None
 
 
@@ -147,7 +151,8 @@ def _data(req: RunRequest, tok, cfg):
             f"up to {cfg.seq_len} tokens, but one optimizer step takes {E} rows (batch "
             f"{cfg.batch_size} x accumulation {cfg.grad_accum}): every step would repeat "
             "rows. Give more data, or a smaller effective batch (--effective-batch, or --batch "
-            "and --grad-accum)" + (", or --no-packing" if req.packing else ""))
+            "and --grad-accum)" + (", or --no-packing" if req.packing and summary.examples >= E
+                                   else ""))
     return rows, eval_rows, summary
 
 

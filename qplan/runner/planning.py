@@ -127,10 +127,8 @@ def _searched(profile: ModelProfile, gpu: GpuProfile, device: str, overrides: di
         target = fixed["batch_size"] * fixed["grad_accum"]
     else:
         target = effective_batch or DEFAULT_EFFECTIVE_BATCH
-    if device == "cpu":
-        fixed.setdefault("compute_dtype", "bf16")
-        if fixed.get("attn") == "flash_attention_2":
-            fixed["attn"] = "sdpa"
+    if device == "cpu" and fixed.get("attn") == "flash_attention_2":
+        fixed["attn"] = "sdpa"
     plan = api.suggest(profile, gpu, seq_len=seq, target_effective_batch=target, fixed=fixed,
                        flash_attn_available=flash, model_ref=model_ref, pm=pm)
     cfg = plan.config
