@@ -8,7 +8,6 @@ from __future__ import annotations
 import click
 
 from qplan import __version__
-from qplan.errors import QplanError
 
 CLI_EXAMPLES = """
 \b
@@ -26,18 +25,11 @@ class QplanGroup(click.Group):
     its exit code instead of a traceback (QPLAN_DEBUG=1 shows the traceback)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except QplanError as e:
-            from qplan.commands.common import fail
+        import functools
 
-            fail(e, as_json=False)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as e:  # noqa: BLE001 - see fail_unexpected
-            from qplan.commands.common import fail_unexpected
+        from qplan.commands.common import reporting_errors
 
-            fail_unexpected(e, as_json=False)
+        return reporting_errors(functools.partial(super().invoke, ctx))
 
 
 @click.group(cls=QplanGroup, epilog=CLI_EXAMPLES)

@@ -64,7 +64,8 @@ def two_4090s(monkeypatch):
 
 # ---------------------------------------------------------------------------
 # help
-@pytest.mark.parametrize("cmd", ["suggest", "estimate", "gpus", "models", "hw", "doctor"])
+@pytest.mark.parametrize("cmd", ["suggest", "estimate", "run", "merge", "gpus", "models", "hw",
+                                 "doctor"])
 def test_help_ends_with_examples(cmd):
     out = run(cmd, "--help").output
     tail = out[out.index("Examples:"):]
@@ -75,7 +76,7 @@ def test_help_ends_with_examples(cmd):
 
 def test_top_level_help_lists_commands():
     out = run("--help").output
-    for cmd in ("suggest", "estimate", "gpus", "models", "hw", "doctor"):
+    for cmd in ("suggest", "estimate", "run", "merge", "gpus", "models", "hw", "doctor", "plugins"):
         assert cmd in out
 
 
@@ -379,6 +380,17 @@ def test_local_config_json_plans(tmp_path, largest_gpu):
     path = tmp_path / "p.yaml"
     run("suggest", "--model", str(tmp_path), "--gpu", largest_gpu, "--save", str(path))
     assert yaml.safe_load(path.read_text())["model"] == str(tmp_path)
+
+
+def test_a_plan_names_a_local_model_by_its_absolute_path(tmp_path, largest_gpu, monkeypatch):
+    """A plan read from another folder still finds the model it was made for."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(api.get_model(SMALL).to_config_dict()))
+    monkeypatch.chdir(tmp_path)
+    run("suggest", "--model", "./m", "--gpu", largest_gpu, "--save", "p.yaml")
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())["model"] == str(tmp_path / "m")
+    run("suggest", "--model", "llama-3.2-1b", "--gpu", largest_gpu, "--save", "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"] == "llama-3.2-1b"
 
 
 def test_suggest_data_errors(tmp_path, largest_gpu):

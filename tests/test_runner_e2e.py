@@ -65,7 +65,7 @@ def finished(model_dir, tmp_path_factory):
         "run", "--model", str(model_dir), "--data", str(data), "--completion-only", "--cpu",
         "--seq", "48", "--batch", "2", "--grad-accum", "2", "--rank", "8", "--no-grad-ckpt",
         "--max-steps", "4", "--save-steps", "2", "--eval-split", "0.2", "--lr", "0.01",
-        "--output", str(out)])
+        "--output", str(out), "--json"])
     return r, out
 
 
@@ -76,6 +76,8 @@ def test_cli_run_trains_and_writes_everything(finished):
               "tokenizer_config.json", "plan.yaml", "report.json", "summary.md"):
         assert (out / f).is_file(), f
     rep = json.loads((out / "report.json").read_text())
+    assert json.loads(r.stdout) == {"schema_version": 1, **rep}  # --json: the report, alone
+    assert "attempt 1:" in r.stderr  # the progress went to stderr
     assert rep["status"] == "ok" and rep["steps_done"] == rep["total_steps"] == 4
     (a,) = rep["attempts"]
     assert a["ended"] == "ok" and a["measured"]["device"] == "cpu"
@@ -95,8 +97,11 @@ def test_merge_gives_the_adapters_outputs(finished, tmp_path):
 
     _, out = finished
     r = CliRunner().invoke(cli, ["merge", "--adapter", str(out), "--output", str(tmp_path / "m"),
-                                 "--dtype", "fp32"])
+                                 "--dtype", "fp32", "--json"])
     assert r.exit_code == 0, r.output
+    done = json.loads(r.stdout)
+    assert done["output"] == str(tmp_path / "m") and done["dtype"] == "fp32"
+    assert done["parameters"] > 0
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     x = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 16]])
     with torch.no_grad():

@@ -256,25 +256,36 @@ def fail_unexpected(err: BaseException, *, as_json: bool) -> None:
     fail(e, as_json=as_json)
 
 
+def reporting_errors(call: Callable[[], Any], *, as_json: bool = False):
+    """``call()``, whatever it raises turned into a message and its exit code: qplan's
+    domain errors with their own code, the rest through :func:`fail_unexpected`."""
+    try:
+        return call()
+    except QplanError as e:
+        fail(e, as_json=as_json)
+    except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - see fail_unexpected
+        fail_unexpected(e, as_json=as_json)
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Turn whatever a command raises into a message and its exit code: qplan's domain
-    errors with their own code, the rest through :func:`fail_unexpected`."""
+    """A command whose errors are messages (:func:`reporting_errors`), as JSON with --json."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        as_json = bool(kwargs.get("as_json"))
-        try:
-            return fn(*args, **kwargs)
-        except QplanError as e:
-            fail(e, as_json=as_json)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as e:  # noqa: BLE001 - see fail_unexpected
-            fail_unexpected(e, as_json=as_json)
+        return reporting_errors(functools.partial(fn, *args, **kwargs),
+                                as_json=bool(kwargs.get("as_json")))
     return wrapper
+
+
+def examples(*commands: str) -> str:
+    """A command's help epilog: literal example invocations."""
+    return "\n\b\nExamples:\n" + "".join(f"  {c}\n" for c in commands)
 
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="print JSON (schema: docs/json-schema.md)")
-__all__ = ["KNOBS", "Target", "fail", "fail_unexpected", "handles_errors", "json_option",
+__all__ = ["KNOBS", "Target", "examples", "fail", "fail_unexpected", "handles_errors",
+           "json_option", "reporting_errors",
            "knob_options", "knob_values", "model_notes", "resolve_target", "config_defaults",
            "flag_of", "NoGpuError"]

@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import click
 
-from qplan.commands.common import handles_errors, json_option
+from qplan.commands.common import examples, handles_errors, json_option
 
-HW_EXAMPLES = """
-\b
-Examples:
-  qplan hw
-  qplan doctor --json
-"""
+HW_EXAMPLES = examples("qplan hw", "qplan doctor --json")
 
 
 @click.command(epilog=HW_EXAMPLES)

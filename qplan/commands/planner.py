@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from qplan.commands.common import (flag_of, handles_errors, json_option, knob_options,
+from qplan.commands.common import (examples, flag_of, handles_errors, json_option, knob_options,
                                    knob_values, model_notes, resolve_target)
 from qplan.paths import writable_file
 from qplan.errors import BadInputError, DoesNotFitError
@@ -88,16 +88,14 @@ def _seq_why(longest: bool, seq_given: bool) -> str:
 
 
 # ---------------------------------------------------------------------------
-SUGGEST_EXAMPLES = """
-\b
-Examples:
-  qplan suggest --model llama-3.1-8b
-  qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024
-  qplan suggest --model qwen2.5-7b --gpu 24GB --rank 64 --no-grad-ckpt
-  qplan suggest --model ./my-model/config.json --vram 12 --longest
-  qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml
-  qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json
-"""
+SUGGEST_EXAMPLES = examples(
+    "qplan suggest --model llama-3.1-8b",
+    "qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024",
+    "qplan suggest --model qwen2.5-7b --gpu 24GB --rank 64 --no-grad-ckpt",
+    "qplan suggest --model ./my-model/config.json --vram 12 --longest",
+    "qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml",
+    "qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json",
+)
 
 
 @click.command(epilog=SUGGEST_EXAMPLES)
@@ -226,14 +224,12 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
 
 
 # ---------------------------------------------------------------------------
-ESTIMATE_EXAMPLES = """
-\b
-Examples:
-  qplan estimate --model llama-3.1-8b --gpu rtx-4060 --seq 1024
-  qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4 --no-grad-ckpt --loss fused
-  qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit
-  qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json
-"""
+ESTIMATE_EXAMPLES = examples(
+    "qplan estimate --model llama-3.1-8b --gpu rtx-4060 --seq 1024",
+    "qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4 --no-grad-ckpt --loss fused",
+    "qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit",
+    "qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json",
+)
 
 
 def _fit_hint(m, gpu, cfg, capacity_bytes) -> str | None:

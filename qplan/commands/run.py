@@ -7,27 +7,23 @@ from __future__ import annotations
 
 import click
 
-from qplan.commands.common import handles_errors, json_option, knob_options, knob_values
+from qplan.commands.common import examples, handles_errors, json_option, knob_options, knob_values
 from qplan.runner.types import MAX_EVAL_SPLIT
 
-RUN_EXAMPLES = """
-\b
-Examples:
-  qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl
-  qplan run --model ./my-model --data chat.jsonl --completion-only --seq 1024 --max-steps 500
-  qplan run --plan plan.yaml --data train.jsonl --batch 2 --output runs/try2
-  qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl --simulate-gpu rtx-4060
-  qplan run --resume runs/Llama-3.1-8B-20261126-101500
-  qplan run --resume runs/try2 --json
-"""
+RUN_EXAMPLES = examples(
+    "qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl",
+    "qplan run --model ./my-model --data chat.jsonl --completion-only --seq 1024 --max-steps 500",
+    "qplan run --plan plan.yaml --data train.jsonl --batch 2 --output runs/try2",
+    "qplan run --model meta-llama/Llama-3.1-8B --data train.jsonl --simulate-gpu rtx-4060",
+    "qplan run --resume runs/Llama-3.1-8B-20261126-101500",
+    "qplan run --resume runs/try2 --json",
+)
 
-MERGE_EXAMPLES = """
-\b
-Examples:
-  qplan merge --adapter runs/Llama-3.1-8B-20261126-101500 --output merged/
-  qplan merge --adapter runs/try2 --base ./my-model --output merged/ --dtype fp16
-  qplan merge --adapter runs/try2 --output merged/ --json
-"""
+MERGE_EXAMPLES = examples(
+    "qplan merge --adapter runs/Llama-3.1-8B-20261126-101500 --output merged/",
+    "qplan merge --adapter runs/try2 --base ./my-model --output merged/ --dtype fp16",
+    "qplan merge --adapter runs/try2 --output merged/ --json",
+)
 
 EXIT_INTERRUPTED = 130
 

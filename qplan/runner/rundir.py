@@ -65,12 +65,11 @@ class RunFolderError(BadInputError):
 
 def read_state(run_dir: Path) -> RunState:
     path = run_dir / RUN_FILE
-    if not run_dir.is_dir():
-        raise RunFolderError(f"--resume {str(run_dir)!r}: no such folder; give the --output "
-                             "folder of an earlier `qplan run`")
     if not path.is_file():
-        raise RunFolderError(f"--resume {str(run_dir)!r}: no {RUN_FILE} there, so it is not a "
-                             "run folder; give the --output folder of an earlier `qplan run`")
+        why = (f"no {RUN_FILE} there, so it is not a run folder" if run_dir.is_dir()
+               else "no such folder")
+        raise RunFolderError(f"--resume {str(run_dir)!r}: {why}; give the --output folder of an "
+                             "earlier `qplan run`")
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and data.get("version", STATE_VERSION) != STATE_VERSION:

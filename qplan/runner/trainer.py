@@ -2,12 +2,13 @@
 loss, data order and checkpoints. Imported only by :mod:`qplan.runner.child` (it imports
 torch and transformers at the top).
 
-What is changed in ``Trainer``, and why (transformers >= 5.20, the versions CI tests):
+What is changed in ``Trainer``, and why (transformers >= 5.17: CI tests 5.17 and the latest):
 
 * ``compute_loss``: :func:`qplan.runner.techniques.micro_batch_loss` (the training step
   the benchmarks share), weighted by the micro-batch's share of the optimizer step's
-  label tokens, which qplan counts itself from the run's row order; so
-  ``loss_is_scaled_for_ga = True`` and nothing of Trainer's own token counting is used.
+  label tokens, which qplan counts itself from the run's row order, so nothing of
+  Trainer's own token counting is used; ``loss_is_scaled_for_ga`` (5.20 on) and
+  ``model_accepts_loss_kwargs`` (before) keep ``training_step`` from dividing it again.
 * the data order: ``train_sampling_strategy="sequential"`` over the run's fixed row order.
 * ``_save_checkpoint`` (private): checkpoints are written atomically with a marker
   (:mod:`qplan.runner.checkpoint`), through Trainer's own ``_save_*`` helpers.
@@ -103,12 +104,15 @@ def step_label_tokens(rows, order: list[int], seq_len: int, per_step: int) -> li
 # ---------------------------------------------------------------------------
 # the trainer
 class QplanTrainer(Trainer):
-    # compute_loss returns each micro-batch's share of the step's token-mean loss
+    # compute_loss returns each micro-batch's share of the step's token-mean loss, so
+    # training_step must not divide it by the accumulation steps: transformers >= 5.20 reads
+    # this attribute; older versions skip the division when the model "accepts loss kwargs"
     loss_is_scaled_for_ga = True
 
     def __init__(self, *a, ctx: Context, **kw):
         super().__init__(*a, **kw)
         self.ctx = ctx
+        self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = self.ctx

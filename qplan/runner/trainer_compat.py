@@ -1,9 +1,10 @@
 """The parts of transformers' ``Trainer`` the runner relies on beyond its public API.
 
 :mod:`qplan.runner.trainer` overrides two private methods and calls three private
-helpers, and sets two options that older versions lack. pyproject allows only the
-versions CI tests (lowest and latest); :func:`check` refuses anything else before a
-model is loaded, naming what is missing, instead of failing in the middle of a run.
+helpers, and sets an option that older versions lack. pyproject's floors are the
+lowest versions CI tests (it tests the latest too); :func:`check` refuses a version that
+lacks any of them before a model is loaded, naming what is missing, instead of failing
+in the middle of a run.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ PRIVATE = {
     "_save_rng_state": "called when writing a checkpoint",
 }
 # Public names newer than some versions pyproject once allowed.
-PUBLIC = {"loss_is_scaled_for_ga": "Trainer attribute (transformers >= 5.20)"}
+PUBLIC: dict[str, str] = {}
 ARGUMENTS = {"train_sampling_strategy": "TrainingArguments field (transformers >= 5.5)"}
 
 
