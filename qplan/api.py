@@ -172,8 +172,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"sequence length {seq_len} is longer than {model.name}'s context "
             f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
-    if not isinstance(target_effective_batch, int) or target_effective_batch < 1:
-        raise BadInputError(f"target effective batch must be an integer >= 1 "
+    if not isinstance(target_effective_batch, int) or not 1 <= target_effective_batch <= 1 << 20:
+        raise BadInputError(f"target effective batch must be an integer from 1 to {1 << 20} "
                             f"(got {target_effective_batch!r}); the default is 16")
     if (fixed or {}).get("compute_dtype") == "bf16" and not gpu.bf16:
         raise BadInputError(

@@ -90,7 +90,8 @@ def _plans(root: Path, tiny: Path) -> dict[str, str]:
     data = yaml.safe_load(good.read_text())
     out = {"plan": str(good), "plan_other": str(other)}
     for name, change in (("plan_v9", {"qplan_plan_version": 9}),
-                         ("plan_badbatch", {"target_effective_batch": "abc"})):
+                         ("plan_badbatch", {"target_effective_batch": "abc"}),
+                         ("plan_baddropout", {"settings": {**data["settings"], "lora_dropout": "x"}})):
         (root / f"{name}.yaml").write_text(yaml.safe_dump({**data, **change}))
         out[name] = str(root / f"{name}.yaml")
     (root / "plan_yaml.yaml").write_text("model: [unclosed\n")
@@ -176,6 +177,9 @@ CASES = [
     ("suggest-epochs-0", ["suggest", *M("--epochs", "0")], 2, ["--epochs"]),
     ("suggest-tokens-0", ["suggest", *M("--tokens", "0")], 2, ["--tokens"]),
     ("suggest-target-batch-0", ["suggest", *M("--target-batch", "0")], 2, ["--target-batch"]),
+    ("suggest-target-batch-huge", ["suggest", *M("--target-batch", "1000000000")], 2, ["--target-batch", "1048576"]),
+    ("suggest-epochs-nan", ["suggest", *M("--tokens", "1000", "--epochs", "nan")], 2, ["--epochs", "not a finite number"]),
+    ("suggest-dropout-nan", ["suggest", *M("--lora-dropout", "nan")], 2, ["--lora-dropout", "not a finite number"]),
     ("suggest-save-directory", ["suggest", *M("--save", "{tmp}")], 2, ["--save", "is a directory"]),
     ("suggest-save-unwritable", ["suggest", *M("--save", "{unwritable}/plan.yaml")], 2, ["--save", "cannot write in"]),
     ("suggest-save-under-a-file", ["suggest", *M("--save", "{file}/plan.yaml")], 2, ["is a file, not a folder"]),
@@ -224,12 +228,14 @@ CASES = [
     ("run-eval-split-099", R("--eval-split", "0.99"), 2, ["--eval-split", "0.5"]),
     ("run-eval-data-and-split", R("--eval-split", "0.1", "--eval-data", "{data}"), 2, ["not both"]),
     ("run-lr-negative", R("--lr", "-1"), 2, ["--lr"]),
-    ("run-lr-nan", R("--lr", "nan"), 2, ["--lr must be a number"]),
-    ("run-epochs-inf", R("--epochs", "inf"), 2, ["--epochs must be a number"]),
+    ("run-lr-nan", R("--lr", "nan"), 2, ["--lr", "not a finite number"]),
+    ("run-epochs-inf", R("--epochs", "inf"), 2, ["--epochs", "not a finite number"]),
     ("run-seed-negative", R("--seed", "-1"), 2, ["--seed"]),
     ("run-max-steps-0", R("--max-steps", "0"), 2, ["--max-steps"]),
     ("run-save-steps-0", R("--save-steps", "0"), 2, ["--save-steps"]),
     ("run-effective-batch-0", R("--effective-batch", "0"), 2, ["--effective-batch"]),
+    ("run-max-steps-huge", R("--max-steps", "100000000", "--batch", "2", "--grad-accum", "2"), 2, ["rows to train on", "at most 100,000,000"]),
+    ("run-plan-bad-dropout", R("--plan", "{plan_baddropout}"), 2, ["lora_dropout must be a number"]),
     ("run-output-a-file", ["run", "--model", "{tiny}", "--data", "{data}", "--cpu", "--output", "{file}"], 2, ["--output", "is a file"]),
     ("run-output-unwritable", ["run", "--model", "{tiny}", "--data", "{data}", "--cpu", "--output", "{unwritable}/o"], 2, ["--output", "cannot write in"]),
     ("run-output-not-empty", ["run", "--model", "{tiny}", "--data", "{data}", "--cpu", "--output", "{notempty}"], 2, ["not empty"]),
@@ -292,6 +298,13 @@ def test_the_table_covers_every_command():
     covered = {c[1][0] for c in CASES}
     assert {"suggest", "estimate", "run", "merge", "gpus", "models", "hw", "doctor",
             "plugins"} <= covered
+
+
+def test_malformed_failpoints_are_refused_before_any_work(world, monkeypatch):
+    monkeypatch.setenv("QPLAN_FAILPOINTS", "boom@step=1")
+    r = CliRunner().invoke(cli, [a.format(**world) for a in R()])
+    assert r.exit_code == 2 and "QPLAN_FAILPOINTS: unknown action 'boom'" in r.output
+    assert "Traceback" not in r.output and not Path(world["new"]).exists()
 
 
 # ---- inputs that are accepted, but now say what they cannot judge --------------------------

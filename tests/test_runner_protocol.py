@@ -79,6 +79,25 @@ def test_steps_file_stops_at_a_line_cut_by_a_kill(tmp_path):
     assert P.read_steps(tmp_path / "steps.jsonl") == [rec]
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("lr", float("nan"), "--lr must be a number in"),
+    ("lr", 3.0, "--lr must be a number in"),
+    ("epochs", float("inf"), "--epochs must be a number"),
+    ("eval_split", 0.99, "--eval-split must be a number in \\[0, 0.5\\)"),
+    ("seed", -1, "--seed must be a number"),
+    ("max_steps", 0, "--max-steps must be an integer >= 1"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be an integer >= 1"),
+    ("lr_scheduler", "cosine_annealing", "lr_scheduler 'cosine_annealing' is not one of"),
+])
+def test_a_run_request_refuses_values_that_cannot_be_meant(field, value, match):
+    """For library callers (the CLI's flags refuse most of these already)."""
+    from qplan.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=match):
+        RunRequest(model="m", data="d.jsonl", **{field: value}).check()
+    RunRequest(model="m", data="d.jsonl").check()
+
+
 # ---- the run folder -----------------------------------------------------------------------
 def test_run_state_round_trip(tmp_path):
     state = rundir.RunState(

@@ -17,6 +17,16 @@ from qplan.errors import BadInputError, DoesNotFitError, NoGpuError, QplanError
 from qplan.planner import config as C
 
 
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is a number: click's FloatRange lets nan and inf through."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
 @dataclass(frozen=True)
 class Knob:
     """One ``TrainConfig`` field as a flag."""
@@ -41,7 +51,7 @@ KNOBS: tuple[Knob, ...] = (
          "LoRA target modules: 'all' (every linear layer in the blocks) or a comma list "
          "such as q,k,v,o or q_proj,v_proj", str),
     Knob("lora_dropout", "--lora-dropout", "LoRA dropout probability",
-         click.FloatRange(0.0, 1.0, max_open=True)),
+         FiniteFloat(0.0, 1.0, max_open=True)),
     Knob("grad_ckpt", "--grad-ckpt/--no-grad-ckpt", "gradient checkpointing"),
     Knob("optim", "--optim", "optimizer", click.Choice(C.OPTIMIZERS)),
     Knob("prepare", "--prepare",
@@ -283,9 +293,12 @@ def examples(*commands: str) -> str:
     return "\n\b\nExamples:\n" + "".join(f"  {c}\n" for c in commands)
 
 
+# The largest effective batch (rows per optimizer step) qplan plans for.
+MAX_EFFECTIVE_BATCH = 1 << 20
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="print JSON (schema: docs/json-schema.md)")
-__all__ = ["KNOBS", "Target", "examples", "fail", "fail_unexpected", "handles_errors",
+__all__ = ["KNOBS", "FiniteFloat", "MAX_EFFECTIVE_BATCH", "Target", "examples", "fail", "fail_unexpected", "handles_errors",
            "json_option", "reporting_errors",
            "knob_options", "knob_values", "model_notes", "resolve_target", "config_defaults",
            "flag_of", "NoGpuError"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from qplan.commands.common import (examples, flag_of, handles_errors, json_option, knob_options,
+from qplan.commands.common import (MAX_EFFECTIVE_BATCH, FiniteFloat, examples, flag_of, handles_errors, json_option, knob_options,
                                    knob_values, model_notes, resolve_target)
 from qplan.paths import writable_file
 from qplan.errors import BadInputError, DoesNotFitError
@@ -105,14 +105,14 @@ SUGGEST_EXAMPLES = examples(
               "size such as 8GB; default: the detected GPU 0")
 @click.option("--vram", type=float, help="GiB of GPU memory to plan for (caps --gpu or the "
               "detected GPU; alone: a generic GPU of that size)")
-@click.option("--target-batch", type=click.IntRange(min=1),
+@click.option("--target-batch", type=click.IntRange(min=1, max=MAX_EFFECTIVE_BATCH),
               default=_api_default("suggest", "target_effective_batch"),
               show_default=True, help="effective batch (batch x accumulation) to reach")
 @knob_options(defaults=False)
 @click.option("--data", type=click.Path(path_type=Path), help="JSONL training data: tokens "
               "counted approximately (characters / 4) for the wall-time estimate")
 @click.option("--tokens", type=click.IntRange(min=1), help="exact training tokens per epoch")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True, help="epochs, for the wall-time estimate")
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-from qplan.commands.common import examples, handles_errors, json_option, knob_options, knob_values
+from qplan.commands.common import (MAX_EFFECTIVE_BATCH, FiniteFloat, examples, handles_errors,
+                                   json_option, knob_options, knob_values)
 from qplan.runner.types import MAX_EVAL_SPLIT
 
 RUN_EXAMPLES = examples(
@@ -45,16 +46,16 @@ def _print_report(report, as_json: bool) -> None:
               "chat records) or a `datasets` directory")
 @click.option("--plan", "plan_file", type=click.Path(), help="a plan saved by `qplan suggest --save`")
 @knob_options(defaults=False)
-@click.option("--effective-batch", type=click.IntRange(min=1),
+@click.option("--effective-batch", type=click.IntRange(min=1, max=MAX_EFFECTIVE_BATCH),
               help="rows per optimizer step when qplan chooses the plan (default 16)")
 @click.option("--output", type=click.Path(), help="run folder (default ./runs/<model>-<time>)")
 @click.option("--max-steps", type=click.IntRange(min=1), help="optimizer steps (default: --epochs)")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, max=1, min_open=True), default=2e-4,
+@click.option("--lr", type=FiniteFloat(min=0, max=1, min_open=True), default=2e-4,
               show_default=True, help="peak learning rate")
 @click.option("--eval-data", type=click.Path(), help="evaluation data (same formats)")
-@click.option("--eval-split", type=click.FloatRange(0, MAX_EVAL_SPLIT, max_open=True),
+@click.option("--eval-split", type=FiniteFloat(0, MAX_EVAL_SPLIT, max_open=True),
               default=0.0, help="hold out this share of --data for evaluation (below "
               f"{MAX_EVAL_SPLIT:g})")
 @click.option("--completion-only", is_flag=True, help="loss on the answers only")

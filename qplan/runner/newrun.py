@@ -18,13 +18,15 @@ from qplan.errors import BadInputError, NotModelledError, QplanError
 from qplan.paths import writable_folder
 from qplan.planner.plan import Plan, load_plan, save_plan
 from qplan.profiles.models import ModelProfile
-from qplan.runner import planning, rundir
+from qplan.runner import failpoints, planning, rundir
 from qplan.runner.report import settings_line
 from qplan.runner.rundir import RunLock, RunState
 from qplan.runner.types import RunRequest
 
 Notify = Callable[[str], None]
 GIB = 1024**3
+# Rows one run may train on (optimizer steps x effective batch): the order is a list in memory.
+MAX_POSITIONS = 100_000_000
 
 
 @dataclass
@@ -35,7 +37,6 @@ class Model:
     path: str  # what from_pretrained loads: an absolute directory or a hub id
     profile: ModelProfile
     local: bool
-    offline: bool  # the hub could not be reached: the hub cache only
 
 
 def _model_path(model: str) -> str:
@@ -74,7 +75,7 @@ def resolve_model(name: str, pm=None) -> Model:
             "tower's layers); train a text-only model (see `qplan models`)")
     if not local and profile.hf_id and "/" not in name:
         path = profile.hf_id  # a catalogue name: load its hub repository
-    return Model(api.model_ref(name, profile, pm=pm), path, profile, local, _go_offline(local))
+    return Model(api.model_ref(name, profile, pm=pm), path, profile, local)
 
 
 def _params(m: ModelProfile) -> str:
@@ -110,6 +111,7 @@ def _check_request(req: RunRequest) -> Path | None:
     if not req.data:
         raise BadInputError("--data is required (a .jsonl file or a `datasets` directory)")
     req.check()
+    failpoints.from_env()  # a malformed QPLAN_FAILPOINTS is refused here, not in the child
     if req.output:
         out = Path(req.output).expanduser()
         if (out / rundir.RUN_FILE).exists():
@@ -119,11 +121,11 @@ def _check_request(req: RunRequest) -> Path | None:
     return None
 
 
-def _load_tokenizer(model: Model):
+def _load_tokenizer(model: Model, offline: bool):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model.path, local_files_only=model.offline)
+        tok = AutoTokenizer.from_pretrained(model.path, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 - any loading failure is the user's input
         raise BadInputError(f"could not load the tokenizer of {model.path!r}: "
                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
@@ -184,8 +186,7 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
     out = _check_request(req)
     plan_file = load_plan(req.plan) if req.plan else None
     model = resolve_model(req.model or plan_file.model, pm=pm)
-    notes = ["the Hugging Face Hub cannot be reached: using the local hub cache only "
-             "(HF_HUB_OFFLINE=1)"] if model.offline else []
+    notes: list[str] = []
     if plan_file is not None and req.model:
         note = check_plan_model(plan_file, req.plan, model, req.model, pm=pm)
         notes += [note] if note else []
@@ -193,13 +194,17 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             overrides=dict(req.overrides), effective_batch=req.effective_batch,
                             gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm)
     cfg = setup.plan.config
-    tok = _load_tokenizer(model)
+    offline = _go_offline(model.local)
+    if offline:
+        notes.append("the Hugging Face Hub cannot be reached: using the local hub cache only "
+                     "(HF_HUB_OFFLINE=1)")
+    tok = _load_tokenizer(model, offline)
     rows, eval_rows, summary = _data(req, tok, cfg)
+    state = _state(req, model, setup, summary, len(rows), len(eval_rows),
+                   notes + setup.notes + summary.notes)
     run_dir = out or _default_output(model.name)
     lock = _lock_new_folder(run_dir)
     try:
-        state = _state(req, model, setup, summary, len(rows), len(eval_rows),
-                       notes + setup.notes + summary.notes)
         tok.save_pretrained(str(run_dir / "tokenizer"))
         _save_rows(rows, run_dir / "data" / "train")
         if eval_rows:
@@ -224,6 +229,11 @@ def _state(req: RunRequest, model: Model, setup, summary, rows: int, eval_rows: 
     cfg = setup.plan.config
     E = cfg.effective_batch
     total = req.max_steps or max(1, math.ceil(req.epochs * rows / E))
+    if total * E > MAX_POSITIONS:
+        raise BadInputError(
+            f"{total:,} optimizer steps of {E} rows are {total * E:,} rows to train on; a run "
+            f"takes at most {MAX_POSITIONS:,} (its row order is kept in memory). Give fewer "
+            "--max-steps or --epochs, or split the training into several runs")
     save_steps = req.save_steps or max(1, min(100, total // 10))
     return RunState(
         request=req, model=model.name, model_path=model.path,

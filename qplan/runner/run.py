@@ -38,11 +38,11 @@ from typing import Callable
 from qplan import api
 from qplan.errors import BadInputError, QplanError, RunError
 from qplan.planner.config import TrainConfig
-from qplan.planner.plan import Plan, Reason, load_plan, save_plan
+from qplan.planner.plan import Plan, load_plan, save_plan
 from qplan.profiles.gpus import GpuProfile
 from qplan.profiles.models import ModelProfile
 from qplan.runner import checkpoint as CK
-from qplan.runner import outcome, planning, rundir, supervise
+from qplan.runner import failpoints, outcome, planning, rundir, supervise
 from qplan.runner import protocol as P
 from qplan.runner.report import build_report, counted_steps, settings_line, write_report
 from qplan.runner.rundir import RunLock, RunState
@@ -107,32 +107,29 @@ def run(req: RunRequest, *, notify: Notify | None = None, pm=None,
     notify = notify or _print
     require_training_stack()
     if req.resume:
-        r = _resume(req, notify, pm)
+        run_dir = Path(req.resume).expanduser()
+        failpoints.from_env()  # a malformed QPLAN_FAILPOINTS: refused before any work
+        rundir.read_state(run_dir)  # a clear message before the lock, if it is not a run
+        lock, state = RunLock(run_dir).acquire(), None
     else:
         from qplan.runner.newrun import create
 
         run_dir, state, lock = create(req, notify, pm)
-        r = _context(run_dir, state, state.request, lock, notify, pm)
-    r.child_stdout = child_stdout
-    with r.lock:
+    with lock:
+        r = (_resume(run_dir, req, lock, notify, pm) if state is None
+             else _context(run_dir, state, state.request, lock, notify, pm))
+        r.child_stdout = child_stdout
         return _supervise(r)
 
 
-def _resume(req: RunRequest, notify: Notify, pm) -> Run:
-    run_dir = Path(req.resume).expanduser()
-    rundir.read_state(run_dir)  # a clear message before the lock, if it is not a run
-    lock = RunLock(run_dir).acquire()
-    try:
-        state = rundir.read_state(run_dir)
-        saved = state.request
-        saved.max_attempts, saved.progress = req.max_attempts, req.progress
-        notify(f"resuming the run in {run_dir}")
-        if lock.stale_note():
-            notify(f"note: {lock.stale_note()}")
-        return _context(run_dir, state, saved, lock, notify, pm)
-    except BaseException:
-        lock.release()
-        raise
+def _resume(run_dir: Path, req: RunRequest, lock: RunLock, notify: Notify, pm) -> Run:
+    state = rundir.read_state(run_dir)
+    saved = state.request
+    saved.max_attempts, saved.progress = req.max_attempts, req.progress
+    notify(f"resuming the run in {run_dir}")
+    if lock.stale_note():
+        notify(f"note: {lock.stale_note()}")
+    return _context(run_dir, state, saved, lock, notify, pm)
 
 
 def _context(run_dir: Path, state: RunState, req: RunRequest, lock: RunLock, notify: Notify,

@@ -7,8 +7,11 @@ from typing import Any
 
 from qplan.errors import BadInputError
 from qplan.planner.plan import Reason
-from qplan.runner.protocol import (ERROR, INTERRUPTED, KILLED, OK, OOM,  # noqa: F401 - re-exported
-                                   Measured, Simulation)
+from qplan.runner.protocol import ERROR, INTERRUPTED, KILLED, OK, OOM, Measured, Simulation
+
+__all__ = ["ERROR", "INTERRUPTED", "KILLED", "OK", "OOM", "FAILED", "LR_SCHEDULERS",
+           "MAX_EVAL_SPLIT", "REPORT_VERSION", "Measured", "Simulation", "RunRequest",
+           "AttemptReport", "RunReport"]
 
 # How a run ended (an attempt's ending is one of protocol.ENDINGS).
 FAILED = "failed"
