@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from qplan.runner import checkpoint as CK
 from qplan.runner import protocol as P
 from qplan.runner import techniques as T
+from qplan.runner.data import pad_row
 from qplan.runner.monitor import now, step_info
 
 
@@ -74,8 +75,6 @@ class Rows(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from qplan.runner.data import pad_row
-
         r = self.rows[self.order[i]]
         p = pad_row(r, self.seq_len, self.pad_id)
         return {"input_ids": torch.tensor(p["input_ids"]), "labels": torch.tensor(p["labels"]),
