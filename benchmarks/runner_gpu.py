@@ -21,6 +21,7 @@ Writes $OUT/runner_gpu.json, $OUT/runner_gpu.md, and each run's report.json/summ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -88,7 +89,7 @@ def table(results: dict, context_gib: float) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, r in results.items():
         for a in r.get("attempts", []):
-            s, m = a["settings"], a.get("measured", {})
+            s, m = a["settings"], a.get("measured") or {}
             st = (f"seq {s['seq_len']} b{s['batch_size']}x{s['grad_accum']} "
                   f"{'ckpt' if s['grad_ckpt'] else 'no-ckpt'} {s['loss']} {s['optim']}"
                   f"{' offload' if s['offload_activations'] else ''}"
@@ -196,11 +197,11 @@ def main() -> int:
         except ImportError:
             env[pkg] = None
     summary = {"model": args.model, "layers": args.layers or profile.num_hidden_layers,
-               "simulated": simulation(gpu), "seq_len": seq, "auto_plan": plan.config.to_dict(),
+               "simulated": dataclasses.asdict(simulation(gpu)), "seq_len": seq, "auto_plan": plan.config.to_dict(),
                "too_large_plan": big.to_dict() if big else None, "build_s": build_s,
                "total_s": round(time.time() - t0, 1), "env": env, "results": results, "log": log}
     (out / "runner_gpu.json").write_text(json.dumps(summary, indent=1))
-    sim = simulation(gpu)
+    sim = dataclasses.asdict(simulation(gpu))
     title = (f"CPU dry run (planned for {args.gpu}, nothing simulated)" if args.cpu_dry_run
              else f"qplan run on {env['gpu']}, simulating {args.gpu}")
     md = [f"# {title}", "",

@@ -11,7 +11,8 @@ from typing import Any
 from qplan.errors import BadInputError, DoesNotFitError
 from qplan.planner.config import TrainConfig
 from qplan.planner.memory import MemoryEstimate
-from qplan.planner.plan import Plan
+from qplan.planner.plan import Plan, Reason
+from qplan.planner.reasons import plan_reasons, policy_reasons
 from qplan.planner.search import search, usable_bytes
 from qplan.planner.speed import SpeedEstimate
 from qplan.profiles.gpus import GIB, GpuProfile, custom_gpu
@@ -43,6 +44,37 @@ def get_gpu(name: str, *, pm=None) -> GpuProfile:
             raise BadInputError(f"GPU memory {name!r} is out of range; give GiB like 8, 24GB")
         return custom_gpu(gib)
     return catalog(pm).gpus.get(name)
+
+
+def model_ref(name: str, model: ModelProfile, *, pm=None) -> str:
+    """How a plan names ``model``: its catalogue name, the absolute path of a local model
+    (a plan read from another folder still finds it), or the hub id as given."""
+    from pathlib import Path
+
+    if catalog(pm).models.find(name) is not None:
+        return model.name
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    return name
+
+
+def check_fixed(model: ModelProfile, fixed: dict[str, Any]) -> None:
+    """Refuse settings given together that cannot be meant together (BadInputError saying
+    what to change); LoRA targets are checked against the model's layers."""
+    if fixed.get("lora_targets"):
+        model.resolve_targets(tuple(fixed["lora_targets"]))
+    problems = []
+    if fixed.get("offload_activations") and fixed.get("grad_ckpt") is False:
+        problems.append("--offload-activations keeps checkpointed blocks' inputs in CPU "
+                        "memory, so it needs gradient checkpointing: drop --no-grad-ckpt or "
+                        "--offload-activations")
+    if fixed.get("embed_on_cpu") and model.tie_word_embeddings:
+        problems.append(f"--embed-on-cpu needs untied embeddings, but {model.name} ties its "
+                        "lm_head to the embedding matrix (tie_word_embeddings), which the loss "
+                        "needs on the GPU: drop --embed-on-cpu")
+    if problems:
+        raise BadInputError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -120,45 +152,15 @@ def _env_for(cfg: TrainConfig) -> dict[str, str]:
     return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if cfg.expandable_segments else {}
 
 
-def _reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, target: int) -> tuple[str, ...]:
-    r = [
-        f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
-        f"{cfg.effective_batch} (target {target})",
-        f"{cfg.compute_dtype}: " + ("compute capability >= 8.0" if cfg.compute_dtype == "bf16"
-                                    else f"{gpu.name} (cc {gpu.cc_str}) has no bf16"),
-        f"attention {cfg.attn}: " + ("flash-attn importable and cc >= 8.0" if cfg.attn ==
-                                     "flash_attention_2" else "PyTorch SDPA (flash-attn not used)"),
-        "gradient checkpointing " + ("on: activations would not fit otherwise" if cfg.grad_ckpt
-                                     else "off: it fits without, and steps are ~30% faster"),
-        f"loss {cfg.loss}: " + ("chunked, never materializes float32 logits" if cfg.loss == "fused"
-                                else "standard cross-entropy fits"),
-        f"prepare {cfg.prepare}: " + ("embeddings/lm_head stay 16-bit (faster, smaller)"
-                                      if cfg.prepare == "lean" else "peft prepare_model_for_kbit_training"),
-        f"optimizer {cfg.optim}",
-    ]
-    if cfg.offload_activations:
-        r.append("activation offloading: each checkpointed block's input waits in pinned CPU "
-                 "memory for its backward (costs ~3% speed)")
-    if cfg.mlp_chunk:
-        r.append(f"MLP tiled in chunks of {cfg.mlp_chunk} tokens: its large tensors exist for "
-                 "one chunk at a time (costs one more MLP forward)")
-    if cfg.recompute_norms:
-        r.append("lean RMSNorms: keep their 16-bit input, not a float32 copy, for backward")
-    if cfg.embed_on_cpu:
-        r.append("input embeddings in CPU memory: frees "
-                 f"{model.embedding_params * (4 if cfg.prepare == 'kbit' else 2) / 2**30:.2f} GiB "
-                 "of the card; only looked-up rows go to the GPU")
-    return tuple(r)
-
-
 def make_plan(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *, target: int,
               model_ref: str | None = None, capacity_bytes: int | None = None, pm=None,
-              extra_reasons: tuple[str, ...] = (), use_calibration: bool = True) -> Plan:
+              extra_reasons: tuple[Reason, ...] = (), use_calibration: bool = True) -> Plan:
+    """``cfg`` as a plan for ``gpu``: its estimate, environment and a reason per setting."""
     est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm,
                    use_calibration=use_calibration)
     return Plan(model=model_ref or model.name, gpu=gpu.name, config=cfg,
                 target_effective_batch=target, device_map={"": 0}, env=_env_for(cfg),
-                reasons=_reasons(model, gpu, cfg, target) + tuple(extra_reasons),
+                reasons=plan_reasons(model, gpu, cfg, target) + tuple(extra_reasons),
                 memory=est.memory, speed=est.speed)
 
 
@@ -181,14 +183,10 @@ def _policies(pm=None):
     return [policy]
 
 
-def _policy_reasons(policies, cfg: TrainConfig) -> tuple[str, ...]:
-    """"policy FIELD: ..." reasons for the fields plugins' plan policies changed in ``cfg``."""
-    out = []
-    for pol in policies:
-        for name, changes in getattr(pol, "traces", {}).get(cfg, ()):
-            for field, (old, new) in changes.items():
-                out.append(f"policy {field}: {old} -> {new} by plugin {name!r} (plan_policy)")
-    return tuple(out)
+def _policy_reasons(policies, cfg: TrainConfig) -> tuple[Reason, ...]:
+    """Reasons for the fields plugins' plan policies changed in ``cfg``."""
+    return tuple(r for pol in policies
+                 for r in policy_reasons(getattr(pol, "traces", {}).get(cfg, ())))
 
 
 def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
@@ -210,8 +208,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"sequence length {seq_len} is longer than {model.name}'s context "
             f"({model.max_position_embeddings} tokens); use --seq {model.max_position_embeddings} or less")
-    if not isinstance(target_effective_batch, int) or target_effective_batch < 1:
-        raise BadInputError(f"target effective batch must be an integer >= 1 "
+    if not isinstance(target_effective_batch, int) or not 1 <= target_effective_batch <= 1 << 20:
+        raise BadInputError(f"target effective batch must be an integer from 1 to {1 << 20} "
                             f"(got {target_effective_batch!r}); the default is 16")
     if (fixed or {}).get("compute_dtype") == "bf16" and not gpu.bf16:
         raise BadInputError(
@@ -331,8 +329,42 @@ SAFER_STEPS = ("halve_batch", "grad_ckpt", "paged_optimizer", "fused_loss", "lea
 TILE_MIN_CHUNKS = 8
 
 
+def _halve_batch(cfg: TrainConfig) -> tuple[TrainConfig, Reason] | None:
+    if cfg.batch_size <= 1:
+        return None
+    keys = ("batch_size", "grad_accum")
+    if cfg.batch_size % 2 == 0:
+        b = cfg.batch_size // 2
+        return (cfg.with_(batch_size=b, grad_accum=cfg.grad_accum * 2),
+                Reason(keys, f"per-device batch {cfg.batch_size} -> {b}, accumulation "
+                             f"{cfg.grad_accum} -> {cfg.grad_accum * 2} (effective batch stays "
+                             f"{cfg.effective_batch})"))
+    eff = cfg.effective_batch  # odd batch: go to 1, the effective batch kept
+    return (cfg.with_(batch_size=1, grad_accum=eff),
+            Reason(keys, f"per-device batch {cfg.batch_size} -> 1, accumulation -> {eff} "
+                         f"(effective batch stays {eff})"))
+
+
+# The ladder after the batch: (applies to cfg, the change, why), in SAFER_STEPS order.
+_RUNGS = (
+    (lambda c: not c.grad_ckpt, dict(grad_ckpt=True),
+     "gradient checkpointing on: keep only block inputs"),
+    (lambda c: c.optim != "paged_adamw_8bit", dict(optim="paged_adamw_8bit"),
+     "optimizer {optim} -> paged_adamw_8bit"),
+    (lambda c: c.loss != "fused", dict(loss="fused"), "fused loss: never materialize float32 logits"),
+    (lambda c: c.prepare != "lean", dict(prepare="lean"),
+     "lean preparation: keep embeddings and lm_head 16-bit"),
+    (lambda c: not c.expandable_segments, dict(expandable_segments=True),
+     "allocator expandable_segments: less fragmentation"),
+    (lambda c: not c.offload_activations, dict(offload_activations=True),
+     "offload checkpointed activations to CPU"),
+    (lambda c: not c.recompute_norms, dict(recompute_norms=True),
+     "lean RMSNorms: keep their 16-bit input, not a float32 copy, for backward"),
+)
+
+
 def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
-                      ) -> tuple[TrainConfig, str] | None:
+                      ) -> tuple[TrainConfig, Reason] | None:
     """The next configuration to try after an OOM with ``cfg``, and what changed and why.
 
     A smaller per-device batch keeps the effective batch exactly (accumulation doubles);
@@ -340,36 +372,18 @@ def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
     segments, activation offloading, lean norms, a tiled MLP (sequences of at least 8 chunks of
     256 tokens); a shorter sequence only if allowed. None when nothing is left to try.
     """
-    if cfg.batch_size > 1 and cfg.batch_size % 2 == 0:
-        b = cfg.batch_size // 2
-        return (cfg.with_(batch_size=b, grad_accum=cfg.grad_accum * 2),
-                f"per-device batch {cfg.batch_size} -> {b}, accumulation {cfg.grad_accum} -> "
-                f"{cfg.grad_accum * 2} (effective batch stays {cfg.effective_batch})")
-    if cfg.batch_size > 1:  # odd batch: go to 1 only if the effective batch is kept
-        eff = cfg.effective_batch
-        return (cfg.with_(batch_size=1, grad_accum=eff),
-                f"per-device batch {cfg.batch_size} -> 1, accumulation -> {eff} "
-                f"(effective batch stays {eff})")
-    if not cfg.grad_ckpt:
-        return cfg.with_(grad_ckpt=True), "gradient checkpointing on: keep only block inputs"
-    if cfg.optim != "paged_adamw_8bit":
-        return cfg.with_(optim="paged_adamw_8bit"), f"optimizer {cfg.optim} -> paged_adamw_8bit"
-    if cfg.loss != "fused":
-        return cfg.with_(loss="fused"), "fused loss: never materialize float32 logits"
-    if cfg.prepare != "lean":
-        return cfg.with_(prepare="lean"), "lean preparation: keep embeddings and lm_head 16-bit"
-    if not cfg.expandable_segments:
-        return cfg.with_(expandable_segments=True), "allocator expandable_segments: less fragmentation"
-    if not cfg.offload_activations:
-        return cfg.with_(offload_activations=True), "offload checkpointed activations to CPU"
-    if not cfg.recompute_norms:
-        return (cfg.with_(recompute_norms=True),
-                "lean RMSNorms: keep their 16-bit input, not a float32 copy, for backward")
+    halved = _halve_batch(cfg)
+    if halved is not None:
+        return halved
+    for applies, change, why in _RUNGS:
+        if applies(cfg):
+            return cfg.with_(**change), Reason(tuple(change), why.format(optim=cfg.optim))
     if not cfg.mlp_chunk and cfg.seq_len >= TILE_MIN_CHUNKS * 256:
         chunk = cfg.seq_len // TILE_MIN_CHUNKS // 256 * 256
-        return (cfg.with_(mlp_chunk=chunk),
-                f"MLP tiled in chunks of {chunk} tokens: its large tensors exist for one chunk")
+        return (cfg.with_(mlp_chunk=chunk), Reason(("mlp_chunk",), f"MLP tiled in chunks of "
+                                                   f"{chunk} tokens: its large tensors exist for one chunk"))
     if allow_shorter_seq and cfg.seq_len > 256:
         s = max(256, cfg.seq_len // 2)
-        return cfg.with_(seq_len=s), f"sequence {cfg.seq_len} -> {s} (allowed by --allow-shorter-seq)"
+        return cfg.with_(seq_len=s), Reason(("seq_len",), f"sequence {cfg.seq_len} -> {s} "
+                                                          "(allowed by --allow-shorter-seq)")
     return None

@@ -32,24 +32,23 @@ class Catalog:
     problems: list[PluginProblem] = field(default_factory=list)
 
 
-def _unknown_model(models: Registry) -> Callable[[str], Exception]:
+def _unknown(registry: Registry, error: type, what: str, see: str) -> Callable[[str], Exception]:
+    """The error for a name not in ``registry``, with the closest names."""
     def make(name: str) -> Exception:
-        close = models.closest(name)
+        close = registry.closest(name)
         hint = f" Closest: {', '.join(close)}." if close else ""
-        return UnknownModelError(
-            f"unknown model {name!r}.{hint} See `qplan models` for the catalogue, or pass a "
-            "local model directory, a config.json, or a Hugging Face hub id.")
+        return error(f"unknown {what} {name!r}.{hint} {see}")
     return make
+
+
+def _unknown_model(models: Registry) -> Callable[[str], Exception]:
+    return _unknown(models, UnknownModelError, "model", "See `qplan models` for the catalogue, "
+                    "or pass a local model directory, a config.json, or a Hugging Face hub id.")
 
 
 def _unknown_gpu(gpus: Registry) -> Callable[[str], Exception]:
-    def make(name: str) -> Exception:
-        close = gpus.closest(name)
-        hint = f" Closest: {', '.join(close)}." if close else ""
-        return UnknownGpuError(
-            f"unknown GPU {name!r}.{hint} See `qplan gpus`, or give a memory size "
-            "such as --gpu 8GB or --vram 8.")
-    return make
+    return _unknown(gpus, UnknownGpuError, "GPU", "See `qplan gpus`, or give a memory size such "
+                    "as --gpu 8GB or --vram 8.")
 
 
 def _fill(pm, hook: str, registry: Registry, kind: type, problems: list[PluginProblem]) -> None:

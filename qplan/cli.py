@@ -8,7 +8,6 @@ from __future__ import annotations
 import click
 
 from qplan import __version__
-from qplan.errors import QplanError
 
 CLI_EXAMPLES = """
 \b
@@ -22,16 +21,15 @@ Examples:
 
 
 class QplanGroup(click.Group):
-    """A group that turns a qplan error escaping any command (a plugin's too) into a
-    message and its exit code instead of a traceback."""
+    """A group that turns any error escaping a command (a plugin's too) into a message and
+    its exit code instead of a traceback (QPLAN_DEBUG=1 shows the traceback)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except QplanError as e:
-            from qplan.commands.common import fail
+        import functools
 
-            fail(e, as_json=False)
+        from qplan.commands.common import reporting_errors
+
+        return reporting_errors(functools.partial(super().invoke, ctx))
 
 
 @click.group(cls=QplanGroup, epilog=CLI_EXAMPLES)

@@ -63,7 +63,8 @@ def estimate_dict(command: str, model, gpu, cfg, mem, speed, *, usable_bytes=Non
     return d
 
 
-def plan_dict(plan) -> dict[str, Any]:
+def plan_dict(plan, why: dict[str, str] | None = None) -> dict[str, Any]:
+    """A plan's settings and reasons; ``why`` maps each setting to the reason shown for it."""
     cfg = plan.config
     return {
         "settings": cfg.to_dict(),
@@ -73,7 +74,8 @@ def plan_dict(plan) -> dict[str, Any]:
         "target_effective_batch": plan.target_effective_batch,
         "env": dict(plan.env),
         "device_map": dict(plan.device_map),
-        "reasons": list(plan.reasons),
+        "reasons": [r.text for r in plan.reasons],
+        "why": dict(why or {}),
     }
 
 
@@ -90,6 +92,9 @@ def error_dict(err) -> dict[str, Any]:
     est = getattr(err, "estimate", None)
     if est is not None:
         d["error"]["smallest"] = {"settings": est.config.to_dict(), **memory_dict(est)}
+    report = getattr(err, "report", None)
+    if report is not None:  # a run that could not finish
+        d["report"] = report.to_dict()
     return d
 
 

@@ -64,7 +64,8 @@ def two_4090s(monkeypatch):
 
 # ---------------------------------------------------------------------------
 # help
-@pytest.mark.parametrize("cmd", ["suggest", "estimate", "gpus", "models", "hw", "doctor"])
+@pytest.mark.parametrize("cmd", ["suggest", "estimate", "run", "merge", "gpus", "models", "hw",
+                                 "doctor"])
 def test_help_ends_with_examples(cmd):
     out = run(cmd, "--help").output
     tail = out[out.index("Examples:"):]
@@ -75,7 +76,7 @@ def test_help_ends_with_examples(cmd):
 
 def test_top_level_help_lists_commands():
     out = run("--help").output
-    for cmd in ("suggest", "estimate", "gpus", "models", "hw", "doctor"):
+    for cmd in ("suggest", "estimate", "run", "merge", "gpus", "models", "hw", "doctor", "plugins"):
         assert cmd in out
 
 
@@ -381,6 +382,17 @@ def test_local_config_json_plans(tmp_path, largest_gpu):
     assert yaml.safe_load(path.read_text())["model"] == str(tmp_path)
 
 
+def test_a_plan_names_a_local_model_by_its_absolute_path(tmp_path, largest_gpu, monkeypatch):
+    """A plan read from another folder still finds the model it was made for."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(api.get_model(SMALL).to_config_dict()))
+    monkeypatch.chdir(tmp_path)
+    run("suggest", "--model", "./m", "--gpu", largest_gpu, "--save", "p.yaml")
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())["model"] == str(tmp_path / "m")
+    run("suggest", "--model", "llama-3.2-1b", "--gpu", largest_gpu, "--save", "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"] == "llama-3.2-1b"
+
+
 def test_suggest_data_errors(tmp_path, largest_gpu):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "ok"}\n{broken\n')
@@ -422,6 +434,32 @@ def test_errors_from_any_command_are_messages():
     try:
         r = run("boom-test", code=2)
         assert "boom: bad input from a plugin command" in r.output
+    finally:
+        cli.commands.pop("boom-test", None)
+
+
+@pytest.mark.parametrize("error, code, needles", [
+    (KeyError("hidden_act"), 1, ["unexpected error: KeyError", "This is a bug",
+                                 "QPLAN_DEBUG=1"]),
+    (PermissionError(13, "Permission denied", "/data/x.jsonl"), 2,
+     ["cannot use '/data/x.jsonl': Permission denied"]),
+], ids=["bug", "oserror"])
+def test_unexpected_errors_are_messages_not_tracebacks(monkeypatch, error, code, needles):
+    """Whatever escapes a command (its own or a plugin's) is a message; QPLAN_DEBUG=1
+    lets the traceback through for a bug report."""
+    import click
+
+    @click.command("boom-test")
+    def boom():
+        raise error
+    cli.add_command(boom)
+    try:
+        r = run("boom-test", code=code)
+        for n in needles:
+            assert n in r.output
+        monkeypatch.setenv("QPLAN_DEBUG", "1")
+        r = CliRunner().invoke(cli, ["boom-test"])
+        assert r.exception is error
     finally:
         cli.commands.pop("boom-test", None)
 

@@ -47,7 +47,7 @@ def outputs(tmp_path_factory):
 
 def test_every_section_is_parsed():
     doc = documented()
-    assert len(doc) >= 12 and all(doc.values())
+    assert len(doc) >= 15 and all(doc.values())
 
 
 def test_estimate_and_suggest(outputs):
@@ -62,8 +62,23 @@ def test_estimate_and_suggest(outputs):
 def test_errors(outputs):
     _, _, err = outputs
     doc = documented()
-    assert set(err) == doc["Errors (any command with `--json`)"]
+    assert set(err) | {"report"} == doc["Errors (any command with `--json`)"]  # report: run's
     assert set(err["error"]) == doc["`error`"]
+
+
+def test_run_and_merge_reports():
+    """The keys of `qplan run --json` / `qplan merge --json` are their report dataclasses'
+    (the real output is checked by tests/test_runner_e2e.py)."""
+    from dataclasses import fields
+
+    from qplan.runner.merge import MergeReport
+    from qplan.runner.types import AttemptReport, RunReport
+
+    doc = documented()
+    names = lambda cls: {f.name for f in fields(cls)}  # noqa: E731
+    assert names(RunReport) | {"schema_version", "qplan_report_version"} == doc["`qplan run`"]
+    assert names(AttemptReport) == doc["`attempts[]` (run)"]
+    assert names(MergeReport) | {"schema_version"} == doc["`qplan merge`"]
 
 
 def test_catalogues():

@@ -354,8 +354,8 @@ def test_on_out_of_memory_first_proposal_wins(small_model, card):
     assert calls.propose_after_oom(bare_pm(), **kw) is None
     shorter = plugin(on_out_of_memory=lambda plan, attempt: plan.config.with_(seq_len=512))
     silent = plugin(on_out_of_memory=lambda plan: None)
-    cfg, why = calls.propose_after_oom(bare_pm(shorter=shorter, silent=silent), **kw)
-    assert cfg.seq_len == 512 and "shorter" in why
+    cfg, who = calls.propose_after_oom(bare_pm(shorter=shorter, silent=silent), **kw)
+    assert cfg.seq_len == 512 and who == "shorter"
     junk = plugin(on_out_of_memory=lambda plan: "halve the batch")
     with pytest.raises(PluginError, match="plugin 'junk' failed in on_out_of_memory: returned str"):
         calls.propose_after_oom(bare_pm(junk=junk), **kw)
@@ -501,11 +501,12 @@ def test_policy_changes_are_explained_in_the_plan(small_model, card):
     """A plan says which plugin's policy changed which setting (and the CLI shows it)."""
     plan = api.suggest(small_model, card, seq_len=1024, fixed={"lora_rank": 128},
                        pm=bare_pm(house=cap_rank(32)))
-    why = [r for r in plan.reasons if r.startswith("policy lora_rank:")]
-    assert why and "128 -> 32" in why[0] and "'house'" in why[0]
-    from qplan.commands.planner import reasons_by_setting
+    why = [r for r in plan.reasons if r.source == "house"]
+    assert [r.settings for r in why] == [("lora_rank",)] and "128 -> 32" in why[0].text
+    assert "'house'" in why[0].text
+    from qplan.commands.planner import why_by_setting
 
-    by_field, _ = reasons_by_setting(plan.reasons, {"lora_rank": 128}, False)
-    assert by_field["lora_rank"].startswith("128 -> 32 by plugin 'house'")
+    by_field, _ = why_by_setting(plan.reasons, {"lora_rank": 128}, "")
+    assert by_field["lora_rank"].startswith("lora_rank 128 -> 32 by plugin 'house'")
     plain = api.suggest(small_model, card, seq_len=1024, pm=bare_pm())
-    assert not [r for r in plain.reasons if r.startswith("policy ")]
+    assert all(r.source == "qplan" for r in plain.reasons)

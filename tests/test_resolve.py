@@ -228,8 +228,28 @@ def test_hub_offline_reads_cache_only(models, monkeypatch, tmp_path):
     assert m.name == m.hf_id == "someone/smol-finetune"
     assert m.source == "https://huggingface.co/someone/smol-finetune/blob/main/config.json"
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(R, "hub_reachable", lambda: True)
     R.resolve_model("someone/smol-finetune", models)
     assert calls[-1][2] is False
+    monkeypatch.setattr(R, "hub_reachable", lambda: False)  # unreachable: the cache at once
+    R.resolve_model("someone/smol-finetune", models)
+    assert calls[-1][2] is True
+
+
+def test_hub_reachable_is_a_quick_connection_attempt(monkeypatch):
+    tried = []
+
+    def connect(address, timeout):
+        tried.append((address, timeout))
+        raise OSError("Name or service not known")
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert R.hub_reachable() is False and tried == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
+    assert R.hub_reachable() is False and tried[-1][0] == ("mirror.example", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # only the HTTP client can tell
+    assert R.hub_reachable() is True and len(tried) == 2
 
 
 def test_hub_not_installed(models, monkeypatch):
@@ -254,6 +274,7 @@ def test_hub_errors_become_unknown_model(models, monkeypatch, error_name, text):
     fake_hub(monkeypatch, download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(R, "hub_reachable", lambda: True)
     with pytest.raises(UnknownModelError, match=text):
         R.resolve_model("meta-llama/Llama-9-8B", models)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from fixtures import tiny_llama as TL
 from qplan.cli import cli
-from qplan.errors import BadInputError, RunError
+from qplan.errors import BadInputError
 from qplan.planner.config import TrainConfig
 from qplan.planner.plan import Plan
 from qplan.plugins.hookspecs import hookimpl
@@ -22,7 +22,8 @@ from qplan.runner import data as D
 from qplan.runner import failpoints as F
 from qplan.runner import planning
 from qplan.runner.report import assemble_steps
-from qplan.runner.types import AttemptReport
+from qplan.runner import protocol as P
+from qplan.runner.rundir import AttemptRecord
 
 SEQ = 64
 
@@ -271,15 +272,24 @@ def test_rotation_keeps_the_newest(tmp_path):
     assert [p.name for p in CK.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
 
 
+def record(n: int, resumed_from: int, steps) -> AttemptRecord:
+    """An attempt as read from disk, with the fields the step accounting reads."""
+    spec = P.AttemptSpec(
+        attempt=n, run_dir="r", attempt_dir=f"r/attempts/{n}", model_path="m", model_ref="m",
+        settings=TrainConfig(), total_steps=10, lr=1e-4, lr_scheduler="cosine", warmup_steps=0,
+        max_grad_norm=1.0, save_steps=1, eval_steps=1, keep_checkpoints=2, seed=0,
+        resume_from=None, resumed_from=resumed_from, load_optimizer=True, device="cpu")
+    return AttemptRecord(spec, None, None, [
+        P.StepRecord(step=s, attempt=n, positions=[], micro_batches=[], rows=[], loss=0.0,
+                     tokens=0, seconds=0.0) for s in steps])
+
+
 def test_steps_that_count_across_attempts():
-    a = [AttemptReport(1, {}, resumed_from=0), AttemptReport(2, {}, resumed_from=2),
-         AttemptReport(3, {}, resumed_from=5)]
-    steps = [[{"step": s} for s in (1, 2, 3)], [{"step": s} for s in (3, 4, 5, 6)],
-             [{"step": s} for s in (6, 7)]]
-    kept, lost = assemble_steps(a, steps)
+    a = [record(1, 0, (1, 2, 3)), record(2, 2, (3, 4, 5, 6)), record(3, 5, (6, 7))]
+    kept, lost = assemble_steps(a)
     assert [s["step"] for s in kept] == [1, 2, 3, 4, 5, 6, 7]
     assert [s["step"] for s in lost] == [3, 6]
-    kept, lost = assemble_steps(a, steps, last_checkpoint=6)
+    kept, lost = assemble_steps(a, last_checkpoint=6)
     assert [s["step"] for s in lost] == [3, 6, 7]
 
 
@@ -309,7 +319,8 @@ def test_the_on_out_of_memory_hook_is_asked_first():
     cfg = TrainConfig(seq_len=512, batch_size=4, grad_accum=2)
     new, why = _next(pm, cfg, allow_shorter_seq=False)
     assert (new.batch_size, new.grad_accum, new.loss) == (1, 8, "fused")
-    assert "proposer" in why and p.calls[0][0] == cfg and "out of memory" in p.calls[0][2]
+    assert why.source == "proposer" and set(why.settings) == {"batch_size", "grad_accum", "loss"}
+    assert "'proposer'" in why.text and p.calls[0][0] == cfg and "out of memory" in p.calls[0][2]
 
 
 @pytest.mark.parametrize("make, reason", [
@@ -323,7 +334,7 @@ def test_proposals_that_break_the_rules_fall_back_to_the_ladder(make, reason):
     cfg = TrainConfig(seq_len=512, batch_size=4, grad_accum=2)
     new, why = _next(pm, cfg, allow_shorter_seq=False)
     assert (new.batch_size, new.grad_accum) == (2, 4)  # qplan's ladder: halve, keep 8
-    assert reason in why and "effective batch stays 8" in why
+    assert reason in why.text and "effective batch stays 8" in why.text and why.source == "qplan"
 
 
 def test_nothing_left_to_try_is_none():
@@ -337,7 +348,7 @@ def test_nothing_left_to_try_is_none():
 def test_simulating_a_gpu_needs_a_gpu(model_dir):
     from qplan import api
 
-    with pytest.raises(RunError, match="--simulate-gpu rtx-4060 caps a real GPU"):
+    with pytest.raises(BadInputError, match="--simulate-gpu rtx-4060 caps a real GPU"):
         planning.choose(model_ref=str(model_dir), profile=api.get_model(str(model_dir)),
                         plan_file=None, overrides={}, effective_batch=None, gpu_name=None,
                         simulate_gpu="rtx-4060", cpu=True)
@@ -384,7 +395,7 @@ def test_run_with_a_bad_plan_file(tmp_path, model_dir, text, match):
 
 
 @pytest.mark.parametrize("args, code, match", [
-    (["run", "--resume", "/nonexistent/run"], 2, "no run.json there"),
+    (["run", "--resume", "/nonexistent/run"], 2, "no such folder"),
     (["run", "--data", "x.jsonl"], 2, "--model is required"),
     (["merge", "--adapter", "/nonexistent", "--output", "o"], 2, "has no adapter_config.json"),
 ])
@@ -397,7 +408,7 @@ def test_simulate_gpu_on_cpu_is_refused_by_the_command(tmp_path, model_dir):
     TL.write_jsonl(tmp_path / "d.jsonl", [{"text": "the fox"}])
     code, out = invoke("run", "--model", model_dir, "--data", tmp_path / "d.jsonl", "--cpu",
                        "--simulate-gpu", "rtx-4060", "--output", tmp_path / "o")
-    assert code == 4 and "caps a real GPU" in out
+    assert code == 2 and "caps a real GPU" in out
 
 
 def test_output_folder_of_an_earlier_run_is_not_reused(tmp_path, model_dir):

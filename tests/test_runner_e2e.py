@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures import tiny_llama as TL
+from fixtures.run_checks import assert_each_step_once
 from qplan.cli import cli
 from qplan.errors import RunError
 from qplan.planner.plan import load_plan
 from qplan.runner import checkpoint as CK
-from qplan.runner import data as D
 from qplan.runner.run import run
 from qplan.runner.types import RunRequest
 
@@ -47,16 +47,6 @@ def request(model_dir, data, out, **kw) -> RunRequest:
                       overrides=dict(SETTINGS), max_steps=STEPS, progress=False, **kw)
 
 
-def assert_each_step_once(report, effective_batch=4):
-    """Steps 1..N, each once, step k with the positions [(k-1)E, kE) of the run's order."""
-    assert [s["step"] for s in report.steps] == list(range(1, report.total_steps + 1))
-    for s in report.steps:
-        k = s["step"]
-        assert s["positions"] == list(range((k - 1) * effective_batch, k * effective_batch))
-    rows = D.step_order(report.data["rows"], report.total_steps * effective_batch, seed=42)
-    assert [r for s in report.steps for r in s["rows"]] == rows
-
-
 def adapter(path):
     from safetensors.torch import load_file
 
@@ -75,7 +65,7 @@ def finished(model_dir, tmp_path_factory):
         "run", "--model", str(model_dir), "--data", str(data), "--completion-only", "--cpu",
         "--seq", "48", "--batch", "2", "--grad-accum", "2", "--rank", "8", "--no-grad-ckpt",
         "--max-steps", "4", "--save-steps", "2", "--eval-split", "0.2", "--lr", "0.01",
-        "--output", str(out)])
+        "--output", str(out), "--json"])
     return r, out
 
 
@@ -86,6 +76,8 @@ def test_cli_run_trains_and_writes_everything(finished):
               "tokenizer_config.json", "plan.yaml", "report.json", "summary.md"):
         assert (out / f).is_file(), f
     rep = json.loads((out / "report.json").read_text())
+    assert json.loads(r.stdout) == {"schema_version": 1, **rep}  # --json: the report, alone
+    assert "attempt 1:" in r.stderr  # the progress went to stderr
     assert rep["status"] == "ok" and rep["steps_done"] == rep["total_steps"] == 4
     (a,) = rep["attempts"]
     assert a["ended"] == "ok" and a["measured"]["device"] == "cpu"
@@ -105,8 +97,11 @@ def test_merge_gives_the_adapters_outputs(finished, tmp_path):
 
     _, out = finished
     r = CliRunner().invoke(cli, ["merge", "--adapter", str(out), "--output", str(tmp_path / "m"),
-                                 "--dtype", "fp32"])
+                                 "--dtype", "fp32", "--json"])
     assert r.exit_code == 0, r.output
+    done = json.loads(r.stdout)
+    assert done["output"] == str(tmp_path / "m") and done["dtype"] == "fp32"
+    assert done["parameters"] > 0
     base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     x = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 16]])
     with torch.no_grad():
@@ -131,7 +126,7 @@ def test_oom_at_step_3_is_recovered_with_the_same_effective_batch(model_dir, tex
     assert (a1.ended, a1.last_step, a2.ended, a2.resumed_from) == ("oom", 2, "ok", 2)
     assert (a1.settings["batch_size"], a1.settings["grad_accum"]) == (2, 2)
     assert (a2.settings["batch_size"], a2.settings["grad_accum"]) == (1, 4)
-    assert "effective batch stays 4" in a2.change
+    assert "effective batch stays 4" in a2.change.text and a2.change.settings == ("batch_size", "grad_accum")
     assert any("ran out of GPU memory in training at step 3" in m for m in messages)
     assert any(m.startswith("next attempt: per-device batch 2 -> 1") for m in messages)
     assert_each_step_once(rep)
@@ -139,6 +134,20 @@ def test_oom_at_step_3_is_recovered_with_the_same_effective_batch(model_dir, tex
     assert all(len(mb) == 2 for s in rep.steps if s["step"] <= 2 for mb in s["micro_batches"])
     assert all(len(mb) == 1 for s in rep.steps if s["step"] > 2 for mb in s["micro_batches"])
     assert load_plan(tmp_path / "o" / "plan.yaml").config.batch_size == 1
+
+
+def test_oom_in_evaluation_names_the_step_it_came_after(model_dir, text_data, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("QPLAN_FAILPOINTS", "oom@attempt=1,step=2,phase=eval")
+    messages = []
+    rep = run(request(model_dir, text_data, tmp_path / "o", eval_split=0.2),
+              notify=messages.append)
+    assert rep.status == "ok"
+    a1 = rep.attempts[0]
+    assert (a1.ended, a1.oom_phase, a1.oom_step, a1.last_step) == ("oom", "eval", 2, 2)
+    assert any("ran out of GPU memory in evaluation after step 2" in m for m in messages)
+    assert rep.attempts[1].resumed_from == 2  # saved after the OOM: step 2 was complete
+    assert_each_step_once(rep)
 
 
 # ---- kill, SIGTERM, resume -------------------------------------------------------------

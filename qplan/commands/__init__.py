@@ -10,9 +10,9 @@ import click
 
 def register(cli: click.Group) -> None:
     """Add every built-in command to ``cli``."""
-    from qplan.commands import calibrate, catalog, count, hw, planner
+    from qplan.commands import calibrate, catalog, count, hw, planner, run
 
-    for cmd in (planner.suggest, planner.estimate, catalog.gpus, catalog.models, hw.hw,
-                calibrate.calibrate, count.count):
+    for cmd in (planner.suggest, planner.estimate, run.run_command, run.merge_command,
+                catalog.gpus, catalog.models, hw.hw, calibrate.calibrate, count.count):
         cli.add_command(cmd)
     cli.add_command(hw.hw, name="doctor")

@@ -3,21 +3,11 @@ from __future__ import annotations
 
 import click
 
-from qplan.commands.common import handles_errors, json_option
+from qplan.commands.common import examples, handles_errors, json_option
 
-GPUS_EXAMPLES = """
-\b
-Examples:
-  qplan gpus
-  qplan gpus --json
-"""
+GPUS_EXAMPLES = examples("qplan gpus", "qplan gpus --json")
 
-MODELS_EXAMPLES = """
-\b
-Examples:
-  qplan models
-  qplan models --json
-"""
+MODELS_EXAMPLES = examples("qplan models", "qplan models --json")
 
 
 @click.command(epilog=GPUS_EXAMPLES)

@@ -7,13 +7,24 @@ CLI cannot drift from the library.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable
 
 import click
 
-from qplan.errors import DoesNotFitError, NoGpuError, QplanError
+from qplan.errors import BadInputError, DoesNotFitError, NoGpuError, QplanError
 from qplan.planner import config as C
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is a number: click's FloatRange lets nan and inf through."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ KNOBS: tuple[Knob, ...] = (
          "LoRA target modules: 'all' (every linear layer in the blocks) or a comma list "
          "such as q,k,v,o or q_proj,v_proj", str),
     Knob("lora_dropout", "--lora-dropout", "LoRA dropout probability",
-         click.FloatRange(0.0, 1.0, max_open=True)),
+         FiniteFloat(0.0, 1.0, max_open=True)),
     Knob("grad_ckpt", "--grad-ckpt/--no-grad-ckpt", "gradient checkpointing"),
     Knob("optim", "--optim", "optimizer", click.Choice(C.OPTIMIZERS)),
     Knob("prepare", "--prepare",
@@ -161,31 +172,50 @@ calibration_option = click.option(
     help="correct estimates with what `qplan run` measured on this machine (qplan calibrate)")
 
 reserve_option = click.option(
-    "--reserve", type=float, help="GiB the card loses to the display and other programs "
+    "--reserve", type=FiniteFloat(min=0), help="GiB the card loses to the display and other programs "
     "(default: 0.5 for desktop cards, 0.3 laptops, 0 datacentre cards)")
 
 
-def _resolve_gpu(gpu: str | None, vram: float | None) -> Target:
-    from qplan import api
+def _check_vram(vram: float | None) -> None:
+    from qplan.errors import BadInputError
+
+    if vram is not None and not (math.isfinite(vram) and vram > 0):
+        raise BadInputError(f"--vram must be a positive number of GiB, such as 8 or 11.5 "
+                            f"(got {vram:g})")
+
+
+def _cap(vram: float | None, card: str, card_bytes: int, notes: list[str]) -> int | None:
+    """``--vram`` as bytes, refused when larger than the card it caps."""
+    from qplan.errors import BadInputError
     from qplan.profiles.gpus import GIB
 
-    notes: list[str] = []
-    if vram is not None and vram <= 0:
-        from qplan.errors import BadInputError
+    if vram is None:
+        return None
+    cap = int(vram * GIB)
+    if cap > card_bytes:
+        raise BadInputError(f"--vram {vram:g} is more than {card}'s {card_bytes / GIB:g} GiB; "
+                            "--vram can only lower the memory planned for. Drop --vram, or "
+                            f"give --gpu {vram:g}GB to plan for a card of that size")
+    notes.append(f"memory capped at {vram:g} GiB by --vram")
+    return cap
 
-        raise BadInputError(f"--vram must be a positive number of GiB (got {vram:g})")
+
+def _resolve_gpu(gpu: str | None, vram: float | None) -> Target:
+    """``--gpu`` / ``--vram``, else the detected GPU 0; :class:`NoGpuError` when neither."""
+    from qplan import api
+
+    _check_vram(vram)
+    notes: list[str] = []
     if gpu is not None:
         g = api.get_gpu(gpu)
-        cap = int(vram * GIB) if vram is not None else None
-        if cap is not None:
-            notes.append(f"memory capped at {vram:g} GiB by --vram")
+        cap = _cap(vram, g.name, g.memory_bytes, notes)
         if g.notes:
             notes.append(g.notes)
         return Target(g, cap, False, False, None, notes)
 
     from qplan.planner.hardware import probe
 
-    hw = probe()
+    hw = probe(gpus=api.catalog().gpus)
     if not hw.gpus:
         if vram is not None:
             g = api.get_gpu(f"{vram:g}")
@@ -204,11 +234,16 @@ def _resolve_gpu(gpu: str | None, vram: float | None) -> Target:
     if d.free_bytes is not None and d.free_bytes < 0.9 * d.total_bytes:
         notes.append(f"GPU 0 has only {d.free_gib:.1f} GiB free of {d.total_gib:.1f} GiB: "
                      "other processes use it; the plan assumes the whole card")
-    cap = None
-    if vram is not None:
-        cap = int(vram * GIB)
-        notes.append(f"memory capped at {vram:g} GiB by --vram")
+    cap = _cap(vram, f"GPU 0 ({d.name})", d.total_bytes, notes)
     return Target(g, cap, True, hw.flash_attn, hw.ram_limit_bytes, notes)
+
+
+def model_notes(model) -> list[str]:
+    """What a plan for ``model`` leaves out (a multimodal model's vision tower)."""
+    if not model.unmodelled:
+        return []
+    return [f"{model.name}: not counted: {model.unmodelled}; the estimate is for the "
+            "language model alone"]
 
 
 # ---------------------------------------------------------------------------
@@ -239,19 +274,59 @@ def fail(err: QplanError, *, as_json: bool) -> None:
     raise click.exceptions.Exit(getattr(err, "exit_code", 2))
 
 
+def fail_unexpected(err: BaseException, *, as_json: bool) -> None:
+    """A file-system error or a bug, as a message: never a traceback (QPLAN_DEBUG=1 re-raises).
+
+    An OSError (a path that cannot be read or written) is the user's input: exit 2. Any
+    other exception is a bug in qplan or a plugin: exit 1, and how to see the traceback."""
+    import os
+
+    if os.environ.get("QPLAN_DEBUG"):
+        raise err
+    if isinstance(err, OSError):
+        where = f" {err.filename!r}" if err.filename else ""
+        e = BadInputError(f"cannot use{where}: {err.strerror or err}; check the path and its "
+                          "permissions")
+        fail(e, as_json=as_json)
+    e = QplanError(f"unexpected error: {type(err).__name__}: {err}. This is a bug; run again "
+                   "with QPLAN_DEBUG=1 for the traceback and report it")
+    e.exit_code = 1
+    fail(e, as_json=as_json)
+
+
+def reporting_errors(call: Callable[[], Any], *, as_json: bool = False):
+    """``call()``, whatever it raises turned into a message and its exit code: qplan's
+    domain errors with their own code, the rest through :func:`fail_unexpected`."""
+    try:
+        return call()
+    except QplanError as e:
+        fail(e, as_json=as_json)
+    except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - see fail_unexpected
+        fail_unexpected(e, as_json=as_json)
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Turn qplan's domain errors raised by a command into a message and its exit code."""
+    """A command whose errors are messages (:func:`reporting_errors`), as JSON with --json."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except QplanError as e:
-            fail(e, as_json=bool(kwargs.get("as_json")))
+        return reporting_errors(functools.partial(fn, *args, **kwargs),
+                                as_json=bool(kwargs.get("as_json")))
     return wrapper
 
 
+def examples(*commands: str) -> str:
+    """A command's help epilog: literal example invocations."""
+    return "\n\b\nExamples:\n" + "".join(f"  {c}\n" for c in commands)
+
+
+# The largest effective batch (rows per optimizer step) qplan plans for.
+MAX_EFFECTIVE_BATCH = 1 << 20
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="print JSON (schema: docs/json-schema.md)")
-__all__ = ["KNOBS", "Target", "fail", "handles_errors", "json_option", "knob_options",
-           "knob_values", "resolve_target", "config_defaults", "flag_of", "NoGpuError",
-           "reserve_option", "calibration_option"]
+__all__ = ["KNOBS", "FiniteFloat", "MAX_EFFECTIVE_BATCH", "Target", "examples", "fail",
+           "fail_unexpected", "handles_errors", "json_option", "reporting_errors",
+           "knob_options", "knob_values", "model_notes", "resolve_target", "config_defaults",
+           "flag_of", "NoGpuError", "reserve_option", "calibration_option"]

@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 
-from qplan.commands.common import (calibration_option, flag_of, handles_errors, json_option,
-                                   knob_options, knob_values, reserve_option, resolve_target)
+from qplan.commands.common import (MAX_EFFECTIVE_BATCH, FiniteFloat, examples, flag_of, handles_errors, json_option, knob_options,
+                                   knob_values, model_notes, resolve_target)
+from qplan.commands.common import calibration_option, reserve_option
+from qplan.paths import writable_file
 from qplan.errors import BadInputError, DoesNotFitError
 
 # Characters per token for --data: a rough average for English text with BPE tokenizers.
@@ -66,67 +68,35 @@ def _fmt_duration(s: float) -> str:
     return f"{h} h {m:02d} min" if h < 48 else f"{s / 86400:.1f} days"
 
 
-# Why a setting has its value when api's reasons do not say (default policy).
-_DEFAULT_WHY = {
-    "seq_len": "requested sequence length",
-    "lora_rank": "default policy",
-    "lora_alpha": "default policy (2 x rank)",
-    "lora_targets": "default policy: every linear layer in the blocks",
-    "lora_dropout": "default policy",
-    "quant": "QLoRA 4-bit NormalFloat",
-    "double_quant": "quantize the quantization constants too (smaller)",
-    "expandable_segments": "allocator setting: less fragmentation",
-    "offload_activations": "off: fits without (offload costs ~3% speed and host memory)",
-    "loss_chunk": "logits per chunk of the fused loss (used only with loss fused)",
-    "mlp_chunk": "0 = MLP not tiled",
-    "embed_on_cpu": "off",
-    "recompute_norms": "off: fits without (costs ~2% speed)",
-    "packed_rows": "on: qplan run packs several examples a row (sdpa then needs a seq x seq "
-                   "mask); --no-packed-rows plans for a trainer that does not",
-}
-# Which setting each of api's reasons explains (by its first words).
-_REASON_FIELD = (("batch ", ("batch_size", "grad_accum")), ("bf16", ("compute_dtype",)),
-                 ("fp16", ("compute_dtype",)), ("attention", ("attn",)),
-                 ("gradient checkpointing", ("grad_ckpt",)), ("loss", ("loss",)),
-                 ("prepare", ("prepare",)), ("optimizer", ("optim",)),
-                 ("activation offloading", ("offload_activations",)),
-                 ("MLP tiled", ("mlp_chunk",)), ("input embeddings", ("embed_on_cpu",)),
-                 ("lean RMSNorms", ("recompute_norms",)))
+def why_by_setting(reasons, fixed: dict[str, Any], seq_why: str) -> tuple[dict[str, str], list[str]]:
+    """Each setting's reason as text (a flag the user gave: "fixed by --flag", unless a
+    plugin's policy changed it), and the reasons about no setting in particular."""
+    from qplan.planner.reasons import by_setting
 
-
-def reasons_by_setting(reasons, fixed: dict[str, Any], longest: bool) -> tuple[dict[str, str], list[str]]:
-    """Map each reason to the settings it explains; the rest are returned as a list."""
-    out, rest = dict(_DEFAULT_WHY), []
-    if longest:
-        out["seq_len"] = "longest sequence that fits (--longest)"
-    for r in reasons:
-        if r.startswith("policy ") and ":" in r:  # "policy FIELD: old -> new by plugin 'x'"
-            out[r.split()[1].rstrip(":")] = r.split(": ", 1)[1]
-            continue
-        for prefix, keys in _REASON_FIELD:
-            if r.startswith(prefix):
-                for k in keys:
-                    out[k] = r
-                break
-        else:
-            rest.append(r)
+    by = by_setting(reasons)
+    out = {k: r.text for k, r in by.items()}
+    out["seq_len"] = seq_why
     for k in fixed:
-        if not out.get(k, "").endswith("(plan_policy)"):
+        if k not in by or by[k].source == "qplan":
             out[k] = f"fixed by {flag_of(k)}"
-    return out, rest
+    return out, [r.text for r in reasons if not r.settings]
+
+
+def _seq_why(longest: bool, seq_given: bool) -> str:
+    if longest:
+        return "longest sequence that fits (--longest)"
+    return "fixed by --seq" if seq_given else "default sequence length (--seq to change)"
 
 
 # ---------------------------------------------------------------------------
-SUGGEST_EXAMPLES = """
-\b
-Examples:
-  qplan suggest --model llama-3.1-8b
-  qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024
-  qplan suggest --model qwen2.5-7b --gpu 24GB --rank 64 --no-grad-ckpt
-  qplan suggest --model ./my-model/config.json --vram 12 --longest
-  qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml
-  qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json
-"""
+SUGGEST_EXAMPLES = examples(
+    "qplan suggest --model llama-3.1-8b",
+    "qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024",
+    "qplan suggest --model qwen2.5-7b --gpu 24GB --rank 64 --no-grad-ckpt",
+    "qplan suggest --model ./my-model/config.json --vram 12 --longest",
+    "qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml",
+    "qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json",
+)
 
 
 @click.command(epilog=SUGGEST_EXAMPLES)
@@ -137,14 +107,14 @@ Examples:
 @click.option("--vram", type=float, help="GiB of GPU memory to plan for (caps --gpu or the "
               "detected GPU; alone: a generic GPU of that size)")
 @reserve_option
-@click.option("--target-batch", type=click.IntRange(min=1),
+@click.option("--target-batch", type=click.IntRange(min=1, max=MAX_EFFECTIVE_BATCH),
               default=_api_default("suggest", "target_effective_batch"),
               show_default=True, help="effective batch (batch x accumulation) to reach")
 @knob_options(defaults=False)
 @click.option("--data", type=click.Path(path_type=Path), help="JSONL training data: tokens "
               "counted approximately (characters / 4) for the wall-time estimate")
 @click.option("--tokens", type=click.IntRange(min=1), help="exact training tokens per epoch")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True, help="epochs, for the wall-time estimate")
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
@@ -172,85 +142,99 @@ def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | No
         raise BadInputError("--longest searches the sequence length; drop --seq or --longest")
     if data is not None and tokens is not None:
         raise BadInputError("give --data FILE or --tokens N, not both")
-    seq = seq or _api_default("suggest", "seq_len")
+    if save is not None:
+        writable_file(save, "--save")
     m = api.get_model(model)
-    if "lora_targets" in fixed:
-        m.resolve_targets(fixed["lora_targets"])  # names the valid targets if one is wrong
     t = resolve_target(gpu, vram, reserve)
-    model_ref = m.name if api.catalog().models.find(model) else model
-    common = dict(target_effective_batch=target_batch, fixed=fixed,
-                  capacity_bytes=t.capacity_bytes, reserve_bytes=t.reserve_bytes,
-                  flash_attn_available=t.flash_attn_available, host_ram_bytes=t.host_ram_bytes,
-                  use_calibration=calibration)
-    if longest:
-        import dataclasses
-
-        plan = api.longest_sequence(m, t.gpu, **common)
-        plan = dataclasses.replace(plan, model=model_ref)
-    else:
-        plan = api.suggest(m, t.gpu, seq_len=seq, model_ref=model_ref, **common)
-
-    notes = list(t.notes)
+    api.check_fixed(m, fixed)
+    plan = _plan(m, t, fixed, model, seq, target_batch, longest, calibration)
     d = render.estimate_dict("suggest", m, t.gpu, plan.config, plan.memory, plan.speed,
                              usable_bytes=usable_bytes(t.gpu, t.capacity_bytes, t.reserve_bytes),
-                             notes=notes)
+                             notes=t.notes + model_notes(m))
     d["gpu_detected"] = t.detected
-    d["plan"] = render.plan_dict(plan)
-    n_tokens, approx, records = None, False, None
-    if data is not None:
-        n_tokens, records = count_tokens(data, plan.config.seq_len)
-        approx = True
-    elif tokens is not None:
-        n_tokens = tokens
-    d["dataset"] = None if n_tokens is None else {
-        "tokens_per_epoch": n_tokens, "approximate": approx, "records": records,
-        "epochs": epochs, "source": str(data) if data is not None else "--tokens"}
-    d["wall_time_s"] = (round(n_tokens * epochs / plan.speed.tokens_per_s, 3)
-                        if n_tokens is not None and plan.speed and plan.speed.tokens_per_s else None)
+    why, rest = why_by_setting(plan.reasons, fixed, _seq_why(longest, seq is not None))
+    d["plan"] = render.plan_dict(plan, why)
+    d["dataset"] = _dataset(data, tokens, epochs, plan.config.seq_len)
+    n = d["dataset"] and d["dataset"]["tokens_per_epoch"]
+    d["wall_time_s"] = (round(n * epochs / plan.speed.tokens_per_s, 3)
+                        if n and plan.speed and plan.speed.tokens_per_s else None)
     d["saved_to"] = None
     if save is not None:
         from qplan.planner.plan import save_plan
 
         d["saved_to"] = str(save_plan(plan, save))
-
     if as_json:
         render.print_json(d)
-        return
+    else:
+        _print_suggest(d, m, t, plan, why, rest)
+
+
+def _plan(m, t, fixed: dict[str, Any], model: str, seq: int | None, target: int,
+          longest: bool, use_calibration: bool = True):
+    """The plan ``qplan suggest`` prints: the fastest at ``seq``, or the longest."""
+    import dataclasses
+
+    from qplan import api
+
+    common = dict(target_effective_batch=target, fixed=fixed,
+                  capacity_bytes=t.capacity_bytes, reserve_bytes=t.reserve_bytes,
+                  flash_attn_available=t.flash_attn_available, host_ram_bytes=t.host_ram_bytes,
+                  use_calibration=use_calibration)
+    ref = api.model_ref(model, m)
+    if longest:
+        return dataclasses.replace(api.longest_sequence(m, t.gpu, **common), model=ref)
+    return api.suggest(m, t.gpu, seq_len=seq or _api_default("suggest", "seq_len"),
+                       model_ref=ref, **common)
+
+
+def _dataset(data: Path | None, tokens: int | None, epochs: float, seq_len: int):
+    """The ``dataset`` part of suggest's JSON (None without --data / --tokens)."""
+    if data is not None:
+        n, records = count_tokens(data, seq_len)
+        return {"tokens_per_epoch": n, "approximate": True, "records": records,
+                "epochs": epochs, "source": str(data)}
+    if tokens is not None:
+        return {"tokens_per_epoch": tokens, "approximate": False, "records": None,
+                "epochs": epochs, "source": "--tokens"}
+    return None
+
+
+def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: list[str]) -> None:
+    from qplan import render
+
     g = t.gpu
     render.print_lines([f"qplan suggest: {m.name} on {g.name} ({g.memory_gib:g} GiB, "
                         f"cc {g.cc_str}){' [detected]' if t.detected else ''}"], style="bold")
-    for n in notes:
-        render.print_lines([f"note: {n}"])
-    why, rest = reasons_by_setting(plan.reasons, fixed, longest)
+    render.print_lines([f"note: {n}" for n in d["notes"] if n not in plan.memory.notes])
     render.print_settings(d["settings"], why, title="Settings")
-    for r in rest:
-        render.print_lines([f"  {r}"])
+    render.print_lines([f"  {r}" for r in rest])
     render.print_breakdown(d)
     lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
              f"({plan.config.tokens_per_step:,} tokens per optimizer step, "
              f"{d['step_s']:.2f} s a step)"]
+    ds = d["dataset"]
     if d["wall_time_s"] is not None:
-        how = (f"~{n_tokens:,} tokens/epoch from {records:,} records, approximate: characters/4, "
-               f"truncated to {plan.config.seq_len}" if approx else f"{n_tokens:,} tokens/epoch")
+        n = ds["tokens_per_epoch"]
+        how = (f"~{n:,} tokens/epoch from {ds['records']:,} records, approximate: characters/4, "
+               f"truncated to {plan.config.seq_len}" if ds["approximate"] else f"{n:,} tokens/epoch")
         lines.append(f"estimated wall time: {_fmt_duration(d['wall_time_s'])} for "
-                     f"{epochs:g} epoch(s) ({how})")
+                     f"{ds['epochs']:g} epoch(s) ({how})")
     if plan.env:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
     lines.append(f"device_map: {plan.device_map}")
-    if save is not None:
-        lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan {save}`)")
+    if d["saved_to"] is not None:
+        lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan "
+                     f"{d['saved_to']}`)")
     render.print_lines(lines)
 
 
 # ---------------------------------------------------------------------------
-ESTIMATE_EXAMPLES = """
-\b
-Examples:
-  qplan estimate --model llama-3.1-8b --gpu rtx-4060 --seq 1024
-  qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4 --no-grad-ckpt --loss fused
-  qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit
-  qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json
-"""
+ESTIMATE_EXAMPLES = examples(
+    "qplan estimate --model llama-3.1-8b --gpu rtx-4060 --seq 1024",
+    "qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4 --no-grad-ckpt --loss fused",
+    "qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit",
+    "qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json",
+)
 
 
 def _fit_hint(m, gpu, cfg, capacity_bytes, reserve_bytes=None) -> str | None:
@@ -266,7 +250,7 @@ def _fit_hint(m, gpu, cfg, capacity_bytes, reserve_bytes=None) -> str | None:
         if step is None:
             return None
         cfg, why = step
-        changes.append(why)
+        changes.append(why.text)
         est = api.estimate(m, gpu, cfg, capacity_bytes=capacity_bytes)
         if est.memory.safe_peak_bytes <= limit:
             return (f"fits ({est.memory.peak_gib:.2f} GiB) after: " + "; ".join(changes)
@@ -299,9 +283,9 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
 
     cfg = TrainConfig(**knob_values(knobs))
     m = api.get_model(model)
-    m.resolve_targets(cfg.lora_targets)
     t = resolve_target(gpu, vram, reserve)
-    notes = list(t.notes)
+    api.check_fixed(m, cfg.to_dict())
+    notes = t.notes + model_notes(m)
     if cfg.compute_dtype == "bf16" and not t.gpu.bf16:
         notes.append(f"{t.gpu.name} (cc {t.gpu.cc_str}) has no bf16; use --compute-dtype fp16")
     est = api.estimate(m, t.gpu, cfg, capacity_bytes=t.capacity_bytes,

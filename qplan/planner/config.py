@@ -77,8 +77,9 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v < lo:
                 p.append(f"{f} must be an integer >= {lo} (got {v!r})")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            p.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})")
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            p.append(f"lora_dropout must be a number in [0, 1) (got {d!r})")
         for f, allowed in (("optim", OPTIMIZERS), ("prepare", PREPARE_MODES),
                            ("loss", LOSS_MODES), ("attn", ATTN_IMPLS),
                            ("quant", QUANT_TYPES), ("compute_dtype", DTYPES)):

@@ -295,14 +295,11 @@ def library_versions(names: Iterable[str] = REPORTED_PACKAGES) -> dict[str, str 
 
 
 # ---------------------------------------------------------------------------
-def probe(*, root: str | Path = "/", gpus: Iterable[GpuProfile] | None = None) -> Hardware:
-    """Inspect this machine. ``gpus`` is the catalogue to match against (default: qplan's)."""
+def probe(*, gpus: Iterable[GpuProfile], root: str | Path = "/") -> Hardware:
+    """Inspect this machine. ``gpus`` is the catalogue to match detected cards against
+    (``qplan.api.catalog().gpus``: the planner never reaches up into the API for it)."""
     import psutil
 
-    if gpus is None:
-        from qplan.api import catalog
-
-        gpus = catalog().gpus
     catalogue = list(gpus)
     notes: list[str] = []
     found = _nvml_gpus(catalogue, notes)

@@ -39,7 +39,5 @@ def plan_policy(model, gpu, config):
 @hookimpl
 def register_commands(cli):
     from qplan.plugins.cli import plugins_command
-    from qplan.runner.cli import register_commands as runner_commands  # run, merge
 
     cli.add_command(plugins_command)
-    runner_commands(cli)

@@ -88,7 +88,7 @@ def apply_plan_policies(pm: pluggy.PluginManager, model, gpu, config, trace=None
 
 def propose_after_oom(pm: pluggy.PluginManager, *, plan, model, gpu, attempt: int,
                       error: BaseException):
-    """The first ``on_out_of_memory`` proposal as ``(TrainConfig, reason)``, or None."""
+    """The first ``on_out_of_memory`` proposal as ``(TrainConfig, plugin name)``, or None."""
     from qplan.planner.config import TrainConfig
 
     for name, res in call_each(pm, "on_out_of_memory", plan=plan, model=model, gpu=gpu,
@@ -98,5 +98,5 @@ def propose_after_oom(pm: pluggy.PluginManager, *, plan, model, gpu, attempt: in
         if not isinstance(res, TrainConfig):
             raise PluginError(f"plugin {name!r} failed in on_out_of_memory: returned "
                               f"{type(res).__name__}; return a TrainConfig or None")
-        return res, f"proposed by plugin {name!r}"
+        return res, name
     return None

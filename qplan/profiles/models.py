@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from qplan.errors import ConfigError
+from qplan.errors import ConfigError, NotModelledError
 
 # Canonical LoRA target names -> Hugging Face module names, per layout.
 LLAMA_TARGETS = {
@@ -32,7 +32,36 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 CONFIG_DEFAULTS["gemma3"] = CONFIG_DEFAULTS["gemma3_text"]  # text_config without model_type
 # Profile fields that come from qplan, never from a config.json.
-_NOT_FROM_CONFIG = ("name", "hf_id", "source", "family", "aliases", "notes", "provider")
+_NOT_FROM_CONFIG = ("name", "hf_id", "source", "family", "aliases", "notes", "provider",
+                    "unmodelled")
+# Heads of a causal language model (``architectures`` in config.json); anything else
+# (BertForMaskedLM, ...ForSequenceClassification, an encoder-decoder) is not modelled.
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Sub-configs of the towers a multimodal model adds to its language model.
+TOWER_CONFIGS = ("vision_config", "audio_config", "vision_tower", "mm_vision_tower")
+
+
+def _not_causal(config: dict[str, Any]) -> str | None:
+    """Why ``config`` is not a decoder-only causal LM qplan can plan (None if it is)."""
+    arch = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        return "an encoder-decoder model (is_encoder_decoder)"
+    if isinstance(arch, list) and arch and not any(
+            isinstance(a, str) and a.endswith(CAUSAL_HEADS) for a in arch):
+        return f"not a causal language model (architectures: {', '.join(map(str, arch))})"
+    return None
+
+
+def _towers(config: dict[str, Any]) -> str:
+    """The towers a multimodal config adds, in words ("" for a text-only model)."""
+    out = []
+    for k in TOWER_CONFIGS:
+        v = config.get(k)
+        if v:
+            kind = v.get("model_type", "") if isinstance(v, dict) else str(v)
+            out.append(f"{k.replace('_config', '').replace('mm_', '').replace('_', ' ')}"
+                       + (f" ({kind})" if kind else ""))
+    return ", ".join(out)
 
 
 def _default_tie(model_type: str) -> bool:
@@ -102,6 +131,9 @@ class ModelProfile:
     notes: str = ""
     # Who registered it ("qplan" for built-ins, else the plugin's name).
     provider: str = field(default="qplan", compare=False)
+    # What of the model the memory model does not count ("" = nothing): a multimodal
+    # model's vision tower. Planning says so; ``qplan run`` refuses such a model.
+    unmodelled: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -282,8 +314,16 @@ class ModelProfile:
         """Build a profile from a Hugging Face ``config.json`` dict.
 
         Multimodal configs that nest the language model under ``text_config`` are
-        unwrapped. Raises :class:`ConfigError` naming every missing field.
+        unwrapped (their towers are named in ``unmodelled``). Raises :class:`ConfigError`
+        naming every missing field, :class:`NotModelledError` for a model that is not a
+        decoder-only causal LM (BERT, T5, a classifier).
         """
+        why = _not_causal(config)
+        if why is not None:
+            raise NotModelledError(
+                f"{name!r} is {why}; qplan plans and trains decoder-only causal language "
+                "models (LlamaForCausalLM, Qwen2ForCausalLM, ...). See `qplan models`.")
+        towers = _towers(config)
         if isinstance(config.get("text_config"), dict) and "hidden_size" not in config:
             inner = dict(config["text_config"])
             inner.setdefault("model_type", config.get("model_type", ""))
@@ -329,7 +369,7 @@ class ModelProfile:
             kwargs["sliding_window"] = None  # Qwen2/3 keep a window in config.json but off
         if not isinstance(kwargs.get("sliding_window_pattern"), int):
             kwargs.pop("sliding_window_pattern", None)
-        return cls(name=name, hf_id=hf_id or name, source=source, **kwargs)
+        return cls(name=name, hf_id=hf_id or name, source=source, unmodelled=towers, **kwargs)
 
     def to_config_dict(self) -> dict[str, Any]:
         """The ``config.json`` fields this profile holds (for building a model)."""

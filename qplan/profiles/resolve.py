@@ -29,6 +29,25 @@ def hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout_s`` (True when a
+    proxy is configured: only the HTTP client can tell then). huggingface_hub retries an
+    unreachable hub for up to a minute; this lets qplan go offline at once instead."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co",
+                                  url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_config_file(path: Path, name: str, *, hf_id: str = "",
                      source: str = "") -> ModelProfile:
     """A profile from a ``config.json`` on disk; :class:`ConfigError` if it is unusable."""
@@ -89,7 +108,8 @@ def _hub_error_reason(e: Exception) -> str:
     if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
         if hub_offline():
             return "HF_HUB_OFFLINE is set and the file is not in the local hub cache"
-        return "the hub cannot be reached and the file is not in the local hub cache"
+        return ("the hub cannot be reached (no connection within 3 s) and the file is not in "
+                "the local hub cache")
     if names & {"EntryNotFoundError", "RemoteEntryNotFoundError"}:
         return "the repository has no config.json"
     text = str(e).splitlines()[0][:200] if str(e) else ""
@@ -104,7 +124,8 @@ def fetch_hub_config(repo_id: str) -> Path:
     """
     from huggingface_hub import hf_hub_download  # optional extra: imported only here
 
-    return Path(hf_hub_download(repo_id, "config.json", local_files_only=hub_offline()))
+    offline = hub_offline() or not hub_reachable()
+    return Path(hf_hub_download(repo_id, "config.json", local_files_only=offline))
 
 
 def resolve_hub_model(repo_id: str, models: Registry[ModelProfile]) -> ModelProfile:

@@ -6,7 +6,8 @@ base. Importing this package is cheap: torch loads in the training process only.
 """
 from __future__ import annotations
 
-__all__ = ["run", "merge", "RunRequest", "RunReport", "AttemptReport"]
+__all__ = ["run", "merge", "RunRequest", "RunReport", "AttemptReport", "AttemptSpec",
+           "AttemptResult", "Measured"]
 
 
 def __getattr__(name: str):
@@ -22,4 +23,8 @@ def __getattr__(name: str):
         from qplan.runner import types
 
         return getattr(types, name)
+    if name in ("AttemptSpec", "AttemptResult", "Measured"):
+        from qplan.runner import protocol
+
+        return getattr(protocol, name)
     raise AttributeError(name)

@@ -11,6 +11,8 @@ Actions:
 * ``kill``: the training process sends itself SIGKILL (what the host's OOM killer does).
 * ``sigterm``: the training process sends itself SIGTERM (what ``kill PID`` or a batch
   scheduler does): it finishes the step, saves a checkpoint and exits.
+* ``hang``: the training process sleeps (10 minutes) right there, so that a test can kill
+  ``qplan run`` (or send signals) at an exact point.
 
 Keys (all optional; a missing key matches anything):
 
@@ -20,8 +22,9 @@ Keys (all optional; a missing key matches anything):
 * ``phase``: ``train`` (default: at the first micro-batch of ``step``), ``eval`` (at the
   first evaluation batch after ``step`` was done), or ``save`` (while the checkpoint of
   ``step`` is written: after its files were renamed into place, before its COMPLETE
-  marker; a ``kill`` there leaves a half-written checkpoint), or ``load`` (after the
-  model is loaded and prepared, before training; ``step`` is 0 there).
+  marker; a ``kill`` there leaves a half-written checkpoint), ``load`` (after the
+  model is loaded and prepared, before training; ``step`` is 0 there), or ``end`` (after
+  the last step, before the adapter is saved; ``step`` is the last step).
 
 Examples: ``oom@attempt=1,step=3``, ``kill@attempt=1,step=4``,
 ``kill@step=4,phase=save;oom@attempt=2,step=6``.
@@ -30,13 +33,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 
 from qplan.errors import BadInputError
 
 ENV = "QPLAN_FAILPOINTS"
-ACTIONS = ("oom", "kill", "sigterm")
-PHASES = ("train", "eval", "save", "load")
+ACTIONS = ("oom", "kill", "sigterm", "hang")
+HANG_S = 600  # long enough for a test to do something to the run meanwhile
+PHASES = ("train", "eval", "save", "load", "end")
 KEYS = ("attempt", "step", "phase")
 
 
@@ -109,3 +115,6 @@ class Failpoints:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fp.action == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if fp.action == "hang":
+                print(f"{ENV}: hanging at {where}", file=sys.stderr, flush=True)
+                time.sleep(HANG_S)

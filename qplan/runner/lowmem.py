@@ -109,69 +109,6 @@ class PinnedPool:
 
 
 # ---------------------------------------------------------------------------
-def _build_offloaded_checkpoint():
-    torch = _torch()
-    from torch.utils.checkpoint import get_device_states, set_device_states
-
-    class OffloadedCheckpoint(torch.autograd.Function):
-        """Checkpoint ``run(hidden, *args)``: run it without saving anything, send
-        ``hidden`` to the host, and in backward bring it back, re-run ``run`` with autograd
-        and backpropagate through it (gradients of parameters used by ``run`` are
-        accumulated there, as reentrant checkpointing does).
-
-        The device->host copy is queued on the current stream, so the caching allocator's
-        stream order keeps ``hidden`` alive until it is done; the host->device copy in
-        backward is likewise ordered before the recomputation that reads it.
-        """
-
-        @staticmethod
-        def forward(ctx, run, pool, preserve_rng, hidden, *args):
-            ctx.run, ctx.pool, ctx.preserve_rng = run, pool, preserve_rng
-            ctx.nargs = len(args)
-            ctx.device = hidden.device
-            ctx.hidden_requires_grad = hidden.requires_grad
-            dev = hidden.device.type
-            ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-            ctx.cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-            if preserve_rng:
-                ctx.cpu_rng = torch.get_rng_state()
-                ctx.had_device = dev != "cpu"
-                if ctx.had_device:
-                    ctx.devices, ctx.device_states = get_device_states(hidden, *args)
-            ctx.host, ctx.buf, ctx.pinned = _stash(hidden, pool)
-            ctx.args = args
-            with torch.no_grad():
-                return run(hidden, *args)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            hidden = _unstash(ctx)
-            ctx.host = ctx.buf = None
-            hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
-            dev, on, dtype = ctx.autocast
-            rng_devices = ctx.devices if ctx.preserve_rng and ctx.had_device else []
-            with torch.random.fork_rng(devices=rng_devices, enabled=ctx.preserve_rng,
-                                       device_type=dev if dev != "cpu" else "cuda"):
-                if ctx.preserve_rng:
-                    torch.set_rng_state(ctx.cpu_rng)
-                    if rng_devices:
-                        set_device_states(ctx.devices, ctx.device_states, device_type=dev)
-                with torch.enable_grad(), torch.autocast(dev, enabled=on, dtype=dtype), \
-                        torch.autocast("cpu", enabled=ctx.cpu_autocast[0],
-                                       dtype=ctx.cpu_autocast[1]):
-                    out = ctx.run(hidden, *ctx.args)
-            outs = out if isinstance(out, tuple) else (out,)
-            pairs = [(o, g) for o, g in zip(outs, grads)
-                     if torch.is_tensor(o) and o.requires_grad and g is not None]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            ctx.run = ctx.args = None
-            return (None, None, None, hidden.grad if ctx.hidden_requires_grad else None) + \
-                (None,) * ctx.nargs
-
-    return OffloadedCheckpoint
-
-
 def _stash(hidden, pool: PinnedPool):
     """Send a checkpointed block input to host memory: ``(host tensor, pool buffer, pinned)``
     (on a CPU run, a copy stands in)."""
@@ -191,6 +128,89 @@ def _unstash(ctx):
     # forward's copy into it), so it can go back to the pool now
     ctx.pool.give(ctx.buf)
     return hidden
+
+
+def _offload_forward(ctx, run, pool, preserve_rng, hidden, args):
+    """OffloadedCheckpoint.forward: remember how to recompute, send ``hidden`` to the host."""
+    torch = _torch()
+    from torch.utils.checkpoint import get_device_states
+
+    ctx.run, ctx.pool, ctx.preserve_rng = run, pool, preserve_rng
+    ctx.nargs = len(args)
+    ctx.device = hidden.device
+    ctx.hidden_requires_grad = hidden.requires_grad
+    dev = hidden.device.type
+    ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    ctx.cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    if preserve_rng:
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.had_device = dev != "cpu"
+        if ctx.had_device:
+            ctx.devices, ctx.device_states = get_device_states(hidden, *args)
+    ctx.host, ctx.buf, ctx.pinned = _stash(hidden, pool)
+    ctx.args = args
+    with torch.no_grad():
+        return run(hidden, *args)
+
+
+def _recompute(ctx, hidden):
+    """Re-run the block on ``hidden`` with autograd, the forward's RNG and autocast."""
+    torch = _torch()
+    from torch.utils.checkpoint import set_device_states
+
+    dev, on, dtype = ctx.autocast
+    rng_devices = ctx.devices if ctx.preserve_rng and ctx.had_device else []
+    with torch.random.fork_rng(devices=rng_devices, enabled=ctx.preserve_rng,
+                               device_type=dev if dev != "cpu" else "cuda"):
+        if ctx.preserve_rng:
+            torch.set_rng_state(ctx.cpu_rng)
+            if rng_devices:
+                set_device_states(ctx.devices, ctx.device_states, device_type=dev)
+        with torch.enable_grad(), torch.autocast(dev, enabled=on, dtype=dtype), \
+                torch.autocast("cpu", enabled=ctx.cpu_autocast[0], dtype=ctx.cpu_autocast[1]):
+            return ctx.run(hidden, *ctx.args)
+
+
+def _offload_backward(ctx, grads):
+    """OffloadedCheckpoint.backward: bring ``hidden`` back, recompute, backpropagate."""
+    torch = _torch()
+    hidden = _unstash(ctx)
+    ctx.host = ctx.buf = None
+    hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
+    out = _recompute(ctx, hidden)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if torch.is_tensor(o) and o.requires_grad and g is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    ctx.run = ctx.args = None
+    return (None, None, None, hidden.grad if ctx.hidden_requires_grad else None) + \
+        (None,) * ctx.nargs
+
+
+def _build_offloaded_checkpoint():
+    torch = _torch()
+
+    class OffloadedCheckpoint(torch.autograd.Function):
+        """Checkpoint ``run(hidden, *args)``: run it without saving anything, send
+        ``hidden`` to the host, and in backward bring it back, re-run ``run`` with autograd
+        and backpropagate through it (gradients of parameters used by ``run`` are
+        accumulated there, as reentrant checkpointing does).
+
+        The device->host copy is queued on the current stream, so the caching allocator's
+        stream order keeps ``hidden`` alive until it is done; the host->device copy in
+        backward is likewise ordered before the recomputation that reads it.
+        """
+
+        @staticmethod
+        def forward(ctx, run, pool, preserve_rng, hidden, *args):
+            return _offload_forward(ctx, run, pool, preserve_rng, hidden, args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return _offload_backward(ctx, grads)
+
+    return OffloadedCheckpoint
 
 
 def offloaded_checkpoint(pool: PinnedPool, preserve_rng: bool = False) -> Callable:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+
+from qplan.runner.protocol import Measured
 
 GIB = 1024**3
 
@@ -96,22 +97,21 @@ class MemoryMonitor:
         self.rss_peak = max(self.rss_peak, rss)
         return rss / GIB, self.rss_peak / GIB
 
-    def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"host_rss_peak_gib": round(self.rss_peak / GIB, 3)}
+    def report(self) -> Measured:
+        """What was measured (device memory is None on CPU; NVML's where it saw nothing)."""
+        rss = round(self.rss_peak / GIB, 3)
         if not self.cuda:
-            out["device"] = "cpu"
-            out["device_memory"] = "n/a (training on CPU)"
-            return out
+            return Measured(device="cpu", host_rss_peak_gib=rss)
         import torch
 
-        out["device"] = torch.cuda.get_device_name(0)
-        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
-        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
-        if self._handle is not None:
-            out["nvml_peak_gib"] = round(self.nvml_peak / GIB, 3)
-            if self.nvml_context is not None:
-                out["cuda_context_gib"] = round(self.nvml_context / GIB, 3)
-        return out
+        nvml = self._handle is not None
+        return Measured(
+            device=torch.cuda.get_device_name(0), host_rss_peak_gib=rss,
+            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
+            peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+            nvml_peak_gib=round(self.nvml_peak / GIB, 3) if nvml else None,
+            cuda_context_gib=round(self.nvml_context / GIB, 3)
+            if nvml and self.nvml_context is not None else None)
 
 
 class Progress:

@@ -75,17 +75,14 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     if cfg.prepare == "kbit" and cfg.quant != "none":
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_ckpt,
-                                        gradient_checkpointing_kwargs=ckpt_kwargs)
+        # checkpointing is switched on below, as for lean (peft would use the deprecated call)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-        if cfg.grad_ckpt:
-            model.enable_input_require_grads()
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    else:
-        model.gradient_checkpointing_disable()
+        model.enable_input_require_grads()
+    set_checkpointing(model, cfg.grad_ckpt, ckpt_kwargs)
     model.config.use_cache = False
     if cfg.recompute_norms:
         from qplan.runner.lowmem import make_norms_lean
@@ -95,6 +92,20 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
         offload_block_inputs(model, cfg)
     if cfg.embed_on_cpu:
         embeddings_to_cpu(model)
+
+
+def set_checkpointing(model, on: bool, kwargs: dict[str, Any] | None = None) -> None:
+    """Activation (gradient) checkpointing on or off: transformers' ``activation_*`` methods
+    where they exist (5.24 on), else the ``gradient_*`` ones they replace."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
 
 
 def _decoder_layers(model):
@@ -285,23 +296,44 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
                                  chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
 
 
-def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
-    """One optimizer step over ``batches`` (micro-batches of (input_ids, labels) or
-    (input_ids, labels, position_ids)) under autocast, as Trainer does with bf16/fp16.
-    Returns the mean loss."""
+def label_tokens(labels) -> int:
+    """The tokens a micro-batch's loss is the mean over: labels after the shift, not -100."""
+    return int((labels[..., 1:] != -100).sum())
+
+
+def micro_batch_loss(model, cfg: TrainConfig, input_ids, labels, *, position_ids=None,
+                     step_tokens: int | None = None):
+    """THE training step's forward: the loss of one micro-batch under autocast, as the
+    runner's Trainer and every benchmark compute it.
+
+    Autocast is on the inputs' device, not the first parameter's: with ``embed_on_cpu``
+    that is the CPU, and CPU autocast would leave the GPU's matmuls (and LoRA's float32)
+    un-autocast. With ``step_tokens`` (the label tokens of all micro-batches of the
+    optimizer step) the micro-batch's mean is weighted by its share of them, so the
+    micro-batches' losses add up to the step's token mean whatever the split.
+    """
     import torch
 
+    with torch.autocast(input_ids.device.type, dtype=torch_dtype(cfg)):
+        loss = causal_lm_loss(model, cfg, input_ids, labels, position_ids=position_ids)
+    if step_tokens is not None:
+        loss = loss * label_tokens(labels) / max(1, step_tokens)
+    return loss
+
+
+def train_step(model, optimizer, cfg: TrainConfig, batches) -> float:
+    """One optimizer step over ``batches`` (micro-batches of (input_ids, labels) or
+    (input_ids, labels, position_ids)): the runner's loss (:func:`micro_batch_loss`,
+    token-weighted over the step), backward, the optimizer. Returns the step's loss (the
+    mean over its label tokens)."""
     model.train()
-    losses = []
+    n = sum(label_tokens(b[1]) for b in batches)
+    total = 0.0
     for input_ids, labels, *pos in batches:
-        # the inputs' device, not the first parameter's: with embed_on_cpu that is the CPU,
-        # and CPU autocast would leave the GPU's matmuls (and LoRA's float32) un-autocast
-        dev = input_ids.device.type
-        with torch.autocast(dev, dtype=torch_dtype(cfg)):
-            loss = causal_lm_loss(model, cfg, input_ids, labels,
-                                  position_ids=pos[0] if pos else None) / len(batches)
+        loss = micro_batch_loss(model, cfg, input_ids, labels, step_tokens=n,
+                                position_ids=pos[0] if pos else None)
         loss.backward()
-        losses.append(float(loss.detach()) * len(batches))
+        total += float(loss.detach())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses)
+    return total

@@ -1,11 +1,25 @@
 """What a run is asked to do, and what happened: plain dataclasses, saved as JSON."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# How an attempt ended.
-OK, OOM, KILLED, INTERRUPTED, ERROR = "ok", "oom", "killed", "interrupted", "error"
+from qplan.errors import BadInputError
+from qplan.planner.plan import Reason
+from qplan.runner.protocol import ERROR, INTERRUPTED, KILLED, OK, OOM, Measured, Simulation
+
+__all__ = ["ERROR", "INTERRUPTED", "KILLED", "OK", "OOM", "FAILED", "LR_SCHEDULERS",
+           "MAX_EVAL_SPLIT", "REPORT_VERSION", "Measured", "Simulation", "RunRequest",
+           "AttemptReport", "RunReport"]
+
+# How a run ended (an attempt's ending is one of protocol.ENDINGS).
+FAILED = "failed"
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
+# Held out for evaluation at most: more would leave less to train on than to evaluate.
+MAX_EVAL_SPLIT = 0.5
+REPORT_VERSION = 2
 
 
 @dataclass
@@ -48,10 +62,42 @@ class RunRequest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunRequest":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def problems(self) -> list[str]:
+        """Every value that cannot be meant, each with what is allowed (the CLI's flags
+        check most of them too; this is for library callers and saved requests)."""
+        p = []
+
+        def num(flag: str, v, lo: float, hi: float = math.inf, *, lo_open=False,
+                hi_open=False) -> None:
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+            if not ok:
+                rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                p.append(f"{flag} must be a number in {rng} (got {v!r})")
+
+        num("--lr", self.lr, 0, 1, lo_open=True)
+        num("--epochs", self.epochs, 0, 1e6, lo_open=True)
+        num("warmup_ratio", self.warmup_ratio, 0, 1, hi_open=True)
+        num("max_grad_norm", self.max_grad_norm, 0, lo_open=True)
+        num("--eval-split", self.eval_split, 0, MAX_EVAL_SPLIT, hi_open=True)
+        num("--seed", self.seed, 0, 2**32 - 1)
+        for flag, v, lo in (("--max-steps", self.max_steps, 1), ("--save-steps", self.save_steps, 1),
+                            ("eval_steps", self.eval_steps, 1), ("--max-attempts", self.max_attempts, 1),
+                            ("keep_checkpoints", self.keep_checkpoints, 1),
+                            ("--effective-batch", self.effective_batch, 1)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                p.append(f"{flag} must be an integer >= {lo} (got {v!r})")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            p.append(f"lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        if self.eval_data and self.eval_split:
+            p.append("give --eval-data or --eval-split, not both")
+        return p
+
+    def check(self) -> None:
+        """BadInputError listing every problem (see :meth:`problems`)."""
+        p = self.problems()
+        if p:
+            raise BadInputError("; ".join(p))
 
 
 @dataclass
@@ -60,22 +106,20 @@ class AttemptReport:
 
     attempt: int
     settings: dict[str, Any]
-    change: str | None = None  # what changed from the previous attempt, and why
+    change: Reason | None = None  # what changed from the previous attempt, and why
     resumed_from: int = 0  # step of the checkpoint it started from (0 = fresh)
     estimated_peak_gib: float | None = None
-    measured: dict[str, Any] = field(default_factory=dict)
+    measured: Measured | None = None
     tokens_per_s: float | None = None
+    steady_tokens_per_s: float | None = None  # without the attempt's first (warm-up) step
     steps_done: int = 0  # optimizer steps this attempt completed
     last_step: int = 0  # the run's step count when it ended
     ended: str = ""  # ok / oom / killed / interrupted / error
     error: str | None = None
-    exit_code: int | None = None
+    oom_phase: str | None = None
+    oom_step: int | None = None
+    exit_code: int | None = None  # None: its supervising process stopped while it ran
     wall_s: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AttemptReport":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -83,7 +127,7 @@ class RunReport:
     """The whole run, across attempts (and across ``--resume``)."""
 
     output: str
-    status: str  # ok / interrupted / killed / failed
+    status: str  # ok / interrupted / killed / failed / running
     model: str
     device: str
     planned_for: str  # the GPU profile the plan was made for
@@ -94,11 +138,11 @@ class RunReport:
     steps: list[dict[str, Any]] = field(default_factory=list)  # the steps that count, in order
     discarded_steps: list[dict[str, Any]] = field(default_factory=list)  # done, then lost
     data: dict[str, Any] = field(default_factory=dict)
-    simulated: dict[str, Any] | None = None
+    simulated: Simulation | None = None
     notes: list[str] = field(default_factory=list)
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["qplan_report_version"] = 1
+        d["qplan_report_version"] = REPORT_VERSION
         return d

@@ -1,0 +1,107 @@
+"""Starting a training process that cannot outlive its parent, and waiting for it.
+
+The child is tied to ``qplan run`` twice over: on Linux the kernel sends it SIGKILL when
+its parent dies (``prctl(PR_SET_PDEATHSIG)``), and everywhere a thread in the child reads
+a pipe whose other end only the parent holds: end of file means the parent is gone, and
+the child kills itself. It also inherits the run folder's lock, so the folder stays
+locked until the child, too, has ended. No torch here.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+PARENT_PID_ENV = "QPLAN_PARENT_PID"
+PARENT_FD_ENV = "QPLAN_PARENT_FD"
+PR_SET_PDEATHSIG = 1
+
+
+def start(spec_path: Path, env: dict[str, str], keep_fds: tuple[int, ...] = (),
+          stdout: int | None = None) -> subprocess.Popen:
+    """Start ``python -m qplan.runner.child spec_path``; ``keep_fds`` (the lock) are
+    inherited, ``stdout`` is where it prints (None: here). The parent's end of the
+    life-line pipe lives on ``proc.qplan_lifeline``."""
+    r, w = os.pipe()
+    env = {**env, PARENT_PID_ENV: str(os.getpid()), PARENT_FD_ENV: str(r)}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "qplan.runner.child", str(spec_path)],
+                                env=env, pass_fds=(r, *keep_fds), stdout=stdout)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    proc.qplan_lifeline = w  # type: ignore[attr-defined]
+    return proc
+
+
+def wait(proc: subprocess.Popen) -> int:
+    """Wait for the child; forward SIGTERM to it, and let Ctrl-C reach it (same process
+    group: it finishes the step and saves). Closes the life-line afterwards."""
+    try:
+        if threading.current_thread() is not threading.main_thread():
+            return proc.wait()
+
+        def on_term(signum, _frame):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+        def on_int(signum, _frame):
+            pass  # the child got the same Ctrl-C and stops cleanly
+
+        old = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_term),
+                                                   (signal.SIGINT, on_int))}
+        try:
+            return proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    finally:
+        os.close(proc.qplan_lifeline)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# in the child
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the pipe below still watches
+
+
+def _watch(fd: int) -> None:
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    _die()  # end of file: the parent closed it or died
+
+
+def watch_parent(environ=None) -> bool:
+    """In the training process: die with the parent. False when started without one
+    (by hand, for debugging)."""
+    environ = os.environ if environ is None else environ
+    pid = int(environ.get(PARENT_PID_ENV) or 0)
+    if not pid:
+        return False
+    _set_parent_death_signal()
+    if os.getppid() != pid:  # the parent died before the death signal was armed
+        _die()
+    fd = environ.get(PARENT_FD_ENV)
+    if fd:
+        threading.Thread(target=_watch, args=(int(fd),), daemon=True,
+                         name="qplan-parent-watch").start()
+    return True
