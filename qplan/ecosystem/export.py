@@ -242,7 +242,7 @@ def main(argv=None):
         report_to="none",
         use_cpu=not cuda,
     )
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+{cpu_only}    tokenizer = AutoTokenizer.from_pretrained(MODEL)
     if os.path.isdir(cli.data):
         dataset = load_from_disk(cli.data)
     else:
@@ -280,7 +280,12 @@ def trl_script(s: dict[str, Any], header: list[str], *, gpu: str, data: str | No
     if prep is not None:
         prepare = ("    model = prepare_model_for_kbit_training(\n        model,\n"
                    + _kwargs(prep, " " * 8) + "\n    )\n")
-    text = SCRIPT.format(doc=doc, gpu=gpu, env=env, model=s["model"],
+    gpu_only = [k for k in ("activation_offloading", "use_liger_kernel") if s["args"].get(k)]
+    cpu_only = ""
+    if gpu_only:
+        cpu_only = ("    if not cuda:  # a CPU run (a test): " + " and ".join(gpu_only)
+                    + " need a GPU\n" + "".join(f"        args.{k} = False\n" for k in gpu_only))
+    text = SCRIPT.format(doc=doc, gpu=gpu, env=env, model=s["model"], cpu_only=cpu_only,
                          prepare_import=", prepare_model_for_kbit_training" if prep is not None else "",
                          bnb_import=", BitsAndBytesConfig" if q else "", bnb=bnb,
                          fp_kwargs=fp_kwargs, prepare=prepare,
@@ -309,6 +314,8 @@ def axolotl_yaml(d: dict[str, Any], header: list[str], *, data: str | None,
     doc.add("datasets", [{"path": data or "train.jsonl", "type": "alpaca"}],
             "your data: path and type (see axolotl's dataset formats)"
             + ("" if data else "; replace this placeholder"))
+    doc.add("learning_rate", 0.0002, "qplan does not choose these: set your own")
+    doc.add("num_epochs", 1)
     doc.add("output_dir", "./outputs/qplan")
     return doc.text()
 
@@ -331,6 +338,8 @@ def llamafactory_yaml(d: dict[str, Any], header: list[str], *, data: str | None,
             "a dataset name from data/dataset_info.json"
             + ("" if data else "; replace this placeholder"))
     doc.add("template", "default", "the chat template of your model (e.g. llama3, qwen)")
+    doc.add("learning_rate", 0.0002, "qplan does not choose these: set your own")
+    doc.add("num_train_epochs", 1.0)
     doc.add("output_dir", "saves/qplan")
     return doc.text()
 
