@@ -95,6 +95,13 @@ def test_check_and_export(tmp_path, monkeypatch):
     assert ex["gaps"] and set(ex["gaps"][0]) == doc["`gaps[]`"] and ex["text"] is None
 
 
+def test_plot(tmp_path):
+    doc = documented()
+    d = js("plot", "--model", "llama-3.2-1b", "--gpu", "rtx-4060", "--gpu", "2GB",
+           "-o", str(tmp_path / "m.svg"))
+    assert set(d) == doc["`qplan plot`"] and set(d["curves"][0]) == doc["`curves[]`"]
+
+
 def test_hw(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml",
                         fake_pynvml([("NVIDIA GeForce RTX 4090", 24 * GIB, 24 * GIB, (8, 9))]))

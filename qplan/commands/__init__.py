@@ -10,9 +10,9 @@ import click
 
 def register(cli: click.Group) -> None:
     """Add every built-in command to ``cli``."""
-    from qplan.commands import catalog, ecosystem, hw, planner
+    from qplan.commands import catalog, ecosystem, hw, planner, plot
 
-    for cmd in (planner.suggest, planner.estimate, ecosystem.check, ecosystem.export,
+    for cmd in (planner.suggest, planner.estimate, ecosystem.check, ecosystem.export, plot.plot,
                 catalog.gpus, catalog.models, hw.hw):
         cli.add_command(cmd)
     cli.add_command(hw.hw, name="doctor")

@@ -147,11 +147,13 @@ Examples:
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
               "`qplan run --plan` and for editing")
+@click.option("--plot", type=click.Path(path_type=Path), help="also draw peak memory against "
+              "sequence length for these settings: FILE.png or FILE.svg (needs matplotlib)")
 @json_option
 @handles_errors
 def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
             data: Path | None, tokens: int | None, epochs: float, longest: bool,
-            save: Path | None, as_json: bool, **knobs: Any) -> None:
+            save: Path | None, plot: Path | None, as_json: bool, **knobs: Any) -> None:
     """Suggest the fastest QLoRA settings that fit a GPU.
 
     Every knob flag you give is held fixed; the others are searched (per-device batch,
@@ -164,6 +166,10 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
 
     fixed = knob_values(knobs)
     seq = fixed.pop("seq_len", None)
+    if plot is not None:
+        from qplan.plot import check_path
+
+        check_path(plot)
     if longest and seq is not None:
         raise BadInputError("--longest searches the sequence length; drop --seq or --longest")
     if data is not None and tokens is not None:
@@ -206,6 +212,13 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
         from qplan.planner.plan import save_plan
 
         d["saved_to"] = str(save_plan(plan, save))
+    d["plot"] = None
+    if plot is not None:
+        from qplan.plot import draw, memory_curves
+
+        draw(memory_curves(m, [t.gpu], seq_len=plan.config.seq_len, capacity_bytes=t.capacity_bytes,
+                           plans={t.gpu.name: plan}), plot)
+        d["plot"] = str(plot)
 
     if as_json:
         render.print_json(d)
@@ -233,6 +246,8 @@ def suggest(model: str, gpu: str | None, vram: float | None, target_batch: int,
     lines.append(f"device_map: {plan.device_map}")
     if save is not None:
         lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan {save}`)")
+    if plot is not None:
+        lines.append(f"peak memory by sequence length drawn in {plot}")
     render.print_lines(lines)
 
 
