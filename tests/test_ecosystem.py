@@ -427,3 +427,23 @@ def test_not_modelled_settings_say_what_is(tmp_path):
     d["quantization_config"] = {"load_in_8bit": True}
     with pytest.raises(NotModelledError, match="load_in_4bit"):
         read_file(write(tmp_path, "s.yaml", d))
+
+
+# ---- help ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["check", "export", "plot"])
+def test_help_ends_with_examples_that_run(cmd, tmp_path, monkeypatch):
+    import shutil
+
+    out = run(cmd, "--help").output
+    tail = out[out.index("Examples:"):]
+    lines = [ln.strip() for ln in tail.splitlines()[1:] if ln.strip()]
+    assert lines and all(ln.startswith("qplan ") for ln in lines), tail
+    monkeypatch.chdir(tmp_path)
+    for src, name in (("seed_trl.py", "train.py"), ("trl_cli.yaml", "sft.yaml"),
+                      ("axolotl_qlora.yaml", "axolotl.yaml"),
+                      ("llamafactory_qlora.yaml", "llamafactory.yaml")):
+        shutil.copy(FIX / src, tmp_path / name)
+    save_plan(api.suggest(api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4090")), tmp_path / "plan.yaml")
+    for ln in lines:
+        r = run(*ln.split()[1:])
+        assert r.exit_code in (0, 3), (ln, r.output)

@@ -12,10 +12,10 @@ from qplan.errors import BadInputError, DoesNotFitError
 CHECK_EXAMPLES = """
 \b
 Examples:
-  qplan check train.py --gpu rtx-4090               (a trl / transformers training script)
-  qplan check sft.yaml --gpu 24GB                   (trl sft --config sft.yaml)
+  qplan check train.py --gpu rtx-4090
+  qplan check sft.yaml --gpu 24GB
   qplan check axolotl.yaml --gpu rtx-4060 --json
-  qplan check llamafactory.yaml --vram 12 --model ./my-model
+  qplan check llamafactory.yaml --gpu 12GB --model llama-3.1-8b
 """
 
 
@@ -44,7 +44,9 @@ def check_dict(res, notes: list[str]) -> dict[str, Any]:
     d["layout"] = r.layout
     d["tool_version"] = r.tool_version
     d["file_model"] = r.model
-    d["fields"] = {k: (None if v is None else ".".join(v)) for k, v in r.fields.items()}
+    from qplan.ecosystem.check import field_label
+
+    d["fields"] = {k: (None if v is None else field_label(r, k)) for k, v in r.fields.items()}
     d["semantics"] = list(r.semantics)
     d["unmodelled"] = list(r.unmodelled)
     a = res.auto_batch
@@ -122,8 +124,9 @@ def check(file: Path, gpu: str | None, vram: float | None, model: str | None, fm
         if reading.unmodelled:
             render.print_lines(["Not modelled or not read:"]
                                + [f"  - {s}" for s in reading.unmodelled])
-        where = {k: (".".join(v) if v else f"(no field: fixed by {reading.format} or the "
-                     "environment)") for k, v in reading.fields.items()}
+        from qplan.ecosystem.check import field_label
+
+        where = {k: field_label(reading, k) for k in reading.fields}
         render.print_settings(d["settings"], where, title="Settings", third="field in the file")
         render.print_breakdown(d)
         render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
@@ -246,7 +249,9 @@ def export(plan_file: Path | None, model: str | None, gpu: str | None, vram: flo
              f"{t.gpu.name}, {e.tokens_per_s:,.0f} tokens/s (the plan: "
              f"{e.plan_peak_bytes / 2**30:.2f} GiB)"]
     for g in e.gaps:
-        lines.append(f"  not expressible: {g.setting} (planned {g.planned}, here {g.tool}): "
+        from qplan.ecosystem.export import _v
+
+        lines.append(f"  not expressible: {g.setting} (planned {_v(g.planned)}, here {_v(g.tool)}): "
                      f"{g.why} ({g.delta_bytes / 2**30:+.2f} GiB)")
     if e.peak_bytes > (t.capacity_bytes or t.gpu.memory_bytes):
         lines.append(f"warning: as {fmt} runs it, it does not fit {t.gpu.name}; plan for the "

@@ -202,7 +202,21 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
         cur[path[-1]] = copy.deepcopy(value)
 
 
+def field_label(reading: Reading, setting: str) -> str:
+    """Where the file sets ``setting``, as the file spells it; or why it has no field."""
+    path = reading.fields.get(setting)
+    if path is None:
+        if setting == "expandable_segments":
+            return "(the environment: PYTORCH_CUDA_ALLOC_CONF)"
+        return f"({reading.format} has no setting for it)"
+    if reading.format == "trl" and reading.layout == "cli" and setting == "prepare":
+        return "dtype"  # trl's CLI has no prepare_model_for_kbit_training: float32 loading
+    return _field(reading, path)
+
+
 def _field(reading: Reading, path: tuple[str, ...]) -> str:
+    if reading.format == "trl" and reading.layout == "cli":
+        return TRL.cli_name(path) if len(path) > 1 or path[0] in ("model",) else path[0]
     if reading.format == "trl":
         if reading.layout == "script" and reading.data.get("_loaded_by_trainer") and \
                 path[0] == "from_pretrained" and len(path) > 1:

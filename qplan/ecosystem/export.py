@@ -284,7 +284,8 @@ def trl_script(s: dict[str, Any], header: list[str], *, gpu: str, data: str | No
     cpu_only = ""
     if gpu_only:
         cpu_only = ("    if not cuda:  # a CPU run (a test): " + " and ".join(gpu_only)
-                    + " need a GPU\n" + "".join(f"        args.{k} = False\n" for k in gpu_only))
+                    + (" need" if len(gpu_only) > 1 else " needs") + " a GPU\n"
+                    + "".join(f"        args.{k} = False\n" for k in gpu_only))
     text = SCRIPT.format(doc=doc, gpu=gpu, env=env, model=s["model"], cpu_only=cpu_only,
                          prepare_import=", prepare_model_for_kbit_training" if prep is not None else "",
                          bnb_import=", BitsAndBytesConfig" if q else "", bnb=bnb,
