@@ -174,3 +174,22 @@ def test_to_hf_with_qplans_techniques_trains_under_sfttrainer(tiny, tmp_path):
     changed = [n for n, p in model.named_parameters() if p.requires_grad
                and not torch.equal(p.detach().to(before[n].dtype), before[n])]
     assert changed  # the LoRA weights learned through the offloaded, tiled blocks
+
+
+def test_the_gpu_check_script_runs_its_cpu_dry_run(tmp_path):
+    """benchmarks/trl_check_gpu.py's plumbing (build, config, qplan check, a trl run in a fresh
+    process, the report) on CPU with the tiny model: what the GPU run does, without NVML."""
+    import json
+
+    script = Path(__file__).parent.parent / "benchmarks" / "trl_check_gpu.py"
+    r = subprocess.run([sys.executable, str(script), "--cpu-dry-run", "--steps", "2", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "trl_check_gpu.json").read_text())
+    assert res["run"]["steps"] == 2 and res["run"]["device"] == "cpu"
+    assert set(res["run"]["example_lengths"]) == {64}  # every step at max_length
+    est = res["estimate"]
+    assert est["settings"]["loss"] == "fused" and est["settings"]["prepare"] == "kbit"
+    assert est["peak_less_context_gib"] < est["peak_gib"]
+    assert "estimate error" in (tmp_path / "out" / "trl_check_gpu.md").read_text()
