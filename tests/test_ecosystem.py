@@ -95,6 +95,26 @@ def test_trl_flags_packing_offloading_liger_and_allocator(tmp_path):
     assert c.offload_activations
 
 
+def test_padding_free_without_packing_follows_trls_rules(tmp_path):
+    with pytest.raises(ConfigError, match="needs max_length: null"):
+        read_file(write(tmp_path, "a.yaml", sections(padding_free=True)))
+    p = write(tmp_path, "b.yaml", sections(padding_free=True, max_length=None))
+    with pytest.raises(ConfigError, match="give --seq N"):
+        read_file(p)
+    c = read_file(p, seq_len=4096)[0].config
+    assert c.seq_len == 4096 and c.packed_rows
+
+
+def test_seq_fills_in_a_missing_sequence_length(tmp_path):
+    d = sections()
+    d["trainer"] = "Trainer"
+    d["args"].pop("max_length")
+    p = write(tmp_path, "t.yaml", d)
+    with pytest.raises(ConfigError, match="--seq N"):
+        read_file(p)
+    assert read_file(p, seq_len=1536)[0].config.seq_len == 1536
+
+
 def test_prepare_model_for_kbit_training_turns_checkpointing_on(tmp_path):
     r = read_file(write(tmp_path, "s.yaml", sections(gradient_checkpointing=False)))[0]
     assert r.config.grad_ckpt and any("enables gradient checkpointing" in s for s in r.semantics)
@@ -292,8 +312,8 @@ def test_plan_for_a_tool_uses_only_what_it_can_express(fmt):
     profile, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4070")
     plan = plan_for(fmt, profile, g, seq_len=1024)
     e = export(plan, fmt, profile=profile, gpu=g)
-    assert e.config == plan.config or fmt == "axolotl" and not e.gaps
-    assert e.peak_bytes <= g.memory_bytes
+    assert e.config == plan.config and not e.gaps  # what the tool runs is the plan
+    assert e.peak_bytes == plan.memory.peak_bytes <= g.memory_bytes
 
 
 def test_exported_yaml_names_only_fields_of_the_tool():

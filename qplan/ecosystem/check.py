@@ -130,13 +130,14 @@ def model_name(fmt: str, data: dict[str, Any]) -> str | None:
 
 
 def interpret(fmt: str, layout: str, data: dict[str, Any], profile, *, source: str,
-              trl_version: str | None = None, skipped: list[str] | None = None) -> Reading:
+              trl_version: str | None = None, skipped: list[str] | None = None,
+              seq_len: int | None = None) -> Reading:
     """The Reading of ``data`` (canonical sections for trl)."""
     if fmt == "trl":
         raw = data.get("_raw")
         sections = {k: v for k, v in data.items() if k != "_raw"}
         r = TRL.read(sections, profile, source=source, layout=layout, trl_version=trl_version,
-                     raw=raw, skipped=skipped)
+                     raw=raw, skipped=skipped, seq_len=seq_len)
         if layout == "cli":
             r = replace(r, data=raw)  # edits apply to the user's flat file
         return r
@@ -160,11 +161,8 @@ def read_file(path: str | Path, *, model: str | None = None, fmt: str | None = N
         raise BadInputError(f"{path}: no model named ({field}); give --model NAME "
                             "(a catalogue name, model directory, config.json or hub id)")
     profile = api.get_model(name, pm=pm)
-    if seq_len is not None and fmt == "trl":
-        args = data.setdefault("args", {})
-        args.setdefault("max_length", seq_len)
     reading = interpret(fmt, layout, data, profile, source=str(path), trl_version=trl_version,
-                        skipped=skipped)
+                        skipped=skipped, seq_len=seq_len)
     if model:
         reading = replace(reading, semantics=reading.semantics + (f"model {model} (--model)",))
     if seq_len is not None and reading.config.seq_len != seq_len:
@@ -274,7 +272,7 @@ def edits_for(reading: Reading, profile, new: TrainConfig, *, pm=None,
     else:
         data = space
     r = interpret(reading.format, reading.layout, data, profile, source=reading.source,
-                  trl_version=trl_version or reading.tool_version)
+                  trl_version=trl_version or reading.tool_version, seq_len=reading.config.seq_len)
     if r.config.seq_len != new.seq_len and reading.config.seq_len == new.seq_len:
         r = replace(r, config=r.config.with_(seq_len=reading.config.seq_len))
     return tuple(edits), r

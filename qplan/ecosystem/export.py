@@ -347,7 +347,8 @@ def llamafactory_yaml(d: dict[str, Any], header: list[str], *, data: str | None,
 
 # What each tool cannot do, as settings held fixed when planning for it.
 TOOL_FIXED = {
-    "trl": ({"embed_on_cpu": False, "mlp_chunk": 0},),
+    # trl >= 1.7's SFTTrainer always computes the loss in chunks
+    "trl": ({"embed_on_cpu": False, "mlp_chunk": 0, "loss": "fused"},),
     "axolotl": ({"embed_on_cpu": False},),
     # enable_liger_kernel switches the fused loss and Liger's RMSNorm together
     "llama-factory": ({"embed_on_cpu": False, "mlp_chunk": 0, "loss": "fused",

@@ -375,7 +375,7 @@ def _targets(value: Any, profile: ModelProfile, source: str, what: str) -> tuple
 
 def read(sections: dict[str, Any], profile: ModelProfile, *, source: str, layout: str,
          trl_version: str | None = None, raw: dict[str, Any] | None = None,
-         skipped: list[str] | None = None) -> Reading:
+         skipped: list[str] | None = None, seq_len: int | None = None) -> Reading:
     """What ``sections`` make trl (or transformers) do, as one TrainConfig."""
     s = sections
     sem: list[str] = []
@@ -433,16 +433,32 @@ def read(sections: dict[str, Any], profile: ModelProfile, *, source: str, layout
 
     # sequence, batch
     seq_key = "max_length" if "max_length" in args or "max_seq_length" not in args else "max_seq_length"
-    if trainer == "SFTTrainer":
+    packing_on = trainer == "SFTTrainer" and truthy(args.get("packing", False), "packing", source)
+    padding_free = (trainer == "SFTTrainer" and not packing_on
+                    and truthy(args.get("padding_free", False), "padding_free", source))
+    if padding_free:
+        # trl: "When padding_free=True without packing, max_length is not enforced": it refuses
+        # any max_length but null, and the longest example sets the row
+        if args.get(seq_key, 1024) is not None:
+            raise ConfigError(f"{source}: padding_free without packing needs max_length: null "
+                              "(trl refuses any other value, max_length defaults to 1024); set "
+                              "it, or turn packing on")
+        if seq_len is None:
+            raise ConfigError(f"{source}: padding_free without packing has no max_length: give "
+                              "--seq N, the longest tokenized example")
+        cfg["seq_len"] = seq_len
+        sem.append(f"padding_free: each micro-batch is one row of its examples with positions "
+                   f"restarting; modelled as rows of {seq_len} tokens (--seq) with a packed mask")
+    elif trainer == "SFTTrainer":
         seq = args.get(seq_key, 1024)
-        if seq is None:
+        if seq is None and seq_len is None:
             raise ConfigError(f"{source}: {seq_key} is null (no truncation): qplan needs the "
-                              "longest sequence a step can hold; set max_length")
-        cfg["seq_len"] = positive_int(seq, seq_key, source)
+                              "longest sequence a step can hold; set max_length, or give --seq N")
+        cfg["seq_len"] = positive_int(seq if seq is not None else seq_len, seq_key, source)
         if seq_key == "max_seq_length":
             sem.append("max_seq_length is the name older trl releases used for max_length")
     else:
-        seq = args.get("max_length") or args.get("max_seq_length")
+        seq = args.get("max_length") or args.get("max_seq_length") or seq_len
         if seq is None:
             raise ConfigError(f"{source}: a transformers Trainer config has no sequence length; "
                               "give it with --seq N (the longest tokenized example)")
@@ -611,8 +627,8 @@ def read(sections: dict[str, Any], profile: ModelProfile, *, source: str, layout
     fields["loss"] = ("args", "use_liger_kernel") if not chunked else None
 
     # packing, offloading, environment
-    packing = trainer == "SFTTrainer" and truthy(args.get("packing", False), "packing", source)
-    cfg["packed_rows"] = packing
+    packing = packing_on
+    cfg["packed_rows"] = packing or padding_free
     fields["packed_rows"] = ("args", "packing") if trainer == "SFTTrainer" else None
     if packing:
         strategy = args.get("packing_strategy", "bfd")
@@ -626,7 +642,7 @@ def read(sections: dict[str, Any], profile: ModelProfile, *, source: str, layout
                 unmodelled.append(f"padding-free packing with {attn}: the micro-batch is one row of "
                                   f"{b * L} tokens, so its attention mask is {extra / 2**30:.2f} "
                                   "GiB larger than modelled (per-row masks)")
-    elif trainer == "SFTTrainer":
+    elif trainer == "SFTTrainer" and not padding_free:
         sem.append("no packing: batches are padded to their longest example; the estimate is a "
                    f"batch of {cfg['seq_len']}-token examples (the largest step)")
     off = truthy(args.get("activation_offloading", False), "activation_offloading", source) \
