@@ -15,6 +15,8 @@ Examples:
   qplan suggest --model llama-3.1-8b
   qplan suggest --model llama-3.1-8b --gpu rtx-4060 --seq 1024
   qplan estimate --model llama-3.1-8b --gpu rtx-4090 --batch 4
+  qplan check train.py --gpu rtx-4090
+  qplan export --plan plan.yaml --format axolotl -o axolotl.yaml
   qplan gpus
   qplan hw
 """

@@ -205,11 +205,11 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
 
 
 def print_settings(settings: dict[str, Any], reasons: dict[str, str] | None = None,
-                   title: str = "Settings") -> None:
+                   title: str = "Settings", third: str = "why") -> None:
     reasons = reasons or {}
     cols = [("setting", "left"), ("value", "left")]
     if reasons:
-        cols.append(("why", "left"))
+        cols.append((third, "left"))
     t = _table(title, *cols)
     for k, v in settings.items():
         row = [k, _fmt(v)]

@@ -39,7 +39,30 @@ CASES: dict[str, list[str]] = {
     "estimate-mistral-7b-t4-fp16":
         ["estimate", "--model", "mistral-7b", "--gpu", "t4", "--compute-dtype", "fp16",
          "--seq", "1024", "--prepare", "kbit"],
+    # qplan check of the ecosystem fixtures (paths relative to the repository root)
+    "check-seed-trl-yaml-rtx-4090":
+        ["check", "tests/fixtures/ecosystem/seed_trl.yaml", "--gpu", "rtx-4090",
+         "--trl-version", "1.16.0"],
+    "check-seed-trl-script-rtx-4060":
+        ["check", "tests/fixtures/ecosystem/seed_trl.py", "--gpu", "rtx-4060",
+         "--trl-version", "1.16.0"],
+    "check-trl-cli-rtx-3090":
+        ["check", "tests/fixtures/ecosystem/trl_cli.yaml", "--gpu", "rtx-3090",
+         "--trl-version", "1.16.0"],
+    "check-axolotl-rtx-4090":
+        ["check", "tests/fixtures/ecosystem/axolotl_qlora.yaml", "--gpu", "rtx-4090"],
+    "check-llamafactory-rtx-4060":
+        ["check", "tests/fixtures/ecosystem/llamafactory_qlora.yaml", "--gpu", "rtx-4060"],
 }
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _from_the_repository_root(monkeypatch):
+    """check cases name their files relative to the root; axolotl and LLaMA-Factory read
+    the allocator setting from the environment."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
 
 
 def _output(args: list[str]) -> dict:

@@ -89,6 +89,34 @@ def test_catalogues():
     assert set(m) == doc["`qplan models`"] and set(m["models"][0]) == doc["`models[]`"]
 
 
+def test_check_and_export(tmp_path, monkeypatch):
+    fix = Path(__file__).parent / "fixtures" / "ecosystem"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    doc = documented()
+    too_big = js("check", str(fix / "axolotl_qlora.yaml"), "--gpu", "rtx-4090", code=3)
+    fits = js("check", str(fix / "seed_trl.yaml"), "--gpu", "h100-sxm")
+    est = js("estimate", "--model", "llama-3.2-1b", "--gpu", "rtx-4090")
+    extra = doc["`qplan check`"]
+    assert set(too_big) == set(fits) == (set(est) - {"hint"}) | extra
+    assert not set(est) & extra
+    assert set(too_big["to_fit"][0]) == set(fits["faster"]) == doc["`to_fit[]` and `faster`"]
+    assert set(too_big["to_fit"][0]["edits"][0]) == doc["`edits[]`"]
+    ex = js("export", "--model", "llama-3.1-8b", "--gpu", "rtx-4060", "--seq", "1024",
+            "--format", "axolotl")
+    assert set(ex) == doc["`qplan export`"]
+    plan = tmp_path / "p.yaml"
+    js("suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4060", "--seq", "1024", "--save", str(plan))
+    ex = js("export", "--plan", str(plan), "--format", "trl", "-o", str(tmp_path / "t.py"))
+    assert ex["gaps"] and set(ex["gaps"][0]) == doc["`gaps[]`"] and ex["text"] is None
+
+
+def test_plot(tmp_path):
+    doc = documented()
+    d = js("plot", "--model", "llama-3.2-1b", "--gpu", "rtx-4060", "--gpu", "2GB",
+           "-o", str(tmp_path / "m.svg"))
+    assert set(d) == doc["`qplan plot`"] and set(d["curves"][0]) == doc["`curves[]`"]
+
+
 def test_hw(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml",
                         fake_pynvml([("NVIDIA GeForce RTX 4090", 24 * GIB, 24 * GIB, (8, 9))]))

@@ -48,7 +48,7 @@ def labelled(ids, labels, tok) -> list[str]:
 def test_text_records_learn_every_token_and_end_with_eos(tok):
     ids, labels = D.tokenize({"text": "the quick fox"}, "text", tok, completion_only=False)
     assert tok.convert_ids_to_tokens(ids) == ["<s>", "the", "quick", "fox", "</s>"]
-    assert labels == ids
+    assert labels == [-100] + ids[1:]  # the first token is never a target
 
 
 @pytest.mark.parametrize("rec, fmt, answer", [
@@ -61,7 +61,7 @@ def test_completion_only_learns_the_answer_and_eos_only(tok, rec, fmt, answer):
     ids, labels = D.tokenize(rec, fmt, tok, completion_only=True)
     assert labelled(ids, labels, tok) == answer + ["</s>"]
     ids2, labels2 = D.tokenize(rec, fmt, tok, completion_only=False)
-    assert ids2 == ids and labels2 == ids  # same tokens; only the mask differs
+    assert ids2 == ids and labels2 == [-100] + ids[1:]  # same tokens; only the mask differs
 
 
 def test_alpaca_prompt_includes_instruction_and_input(tok):

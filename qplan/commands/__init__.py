@@ -10,9 +10,10 @@ import click
 
 def register(cli: click.Group) -> None:
     """Add every built-in command to ``cli``."""
-    from qplan.commands import calibrate, catalog, count, hw, planner, run
+    from qplan.commands import calibrate, catalog, count, ecosystem, hw, planner, plot, run
 
     for cmd in (planner.suggest, planner.estimate, run.run_command, run.merge_command,
-                catalog.gpus, catalog.models, hw.hw, calibrate.calibrate, count.count):
+                ecosystem.check, ecosystem.export, plot.plot, catalog.gpus, catalog.models,
+                hw.hw, calibrate.calibrate, count.count):
         cli.add_command(cmd)
     cli.add_command(hw.hw, name="doctor")

@@ -119,13 +119,15 @@ SUGGEST_EXAMPLES = examples(
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
               "`qplan run --plan` and for editing")
+@click.option("--plot", type=click.Path(path_type=Path), help="also draw peak memory against "
+              "sequence length for these settings: FILE.png or FILE.svg (needs matplotlib)")
 @calibration_option
 @json_option
 @handles_errors
 def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | None,
             target_batch: int, data: Path | None, tokens: int | None, epochs: float,
-            longest: bool, save: Path | None, calibration: bool, as_json: bool,
-            **knobs: Any) -> None:
+            longest: bool, save: Path | None, plot: Path | None, calibration: bool,
+            as_json: bool, **knobs: Any) -> None:
     """Suggest the fastest QLoRA settings that fit a GPU.
 
     Every knob flag you give is held fixed; the others are searched (per-device batch,
@@ -138,6 +140,10 @@ def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | No
 
     fixed = knob_values(knobs)
     seq = fixed.pop("seq_len", None)
+    if plot is not None:
+        from qplan.plot import check_path
+
+        check_path(plot)
     if longest and seq is not None:
         raise BadInputError("--longest searches the sequence length; drop --seq or --longest")
     if data is not None and tokens is not None:
@@ -163,6 +169,14 @@ def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | No
         from qplan.planner.plan import save_plan
 
         d["saved_to"] = str(save_plan(plan, save))
+    d["plot"] = None
+    if plot is not None:
+        from qplan.plot import draw, memory_curves
+
+        draw(memory_curves(m, [t.gpu], seq_len=plan.config.seq_len, capacity_bytes=t.capacity_bytes,
+                           plans={t.gpu.name: plan}), plot)
+        d["plot"] = str(plot)
+
     if as_json:
         render.print_json(d)
     else:
@@ -225,6 +239,8 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
     if d["saved_to"] is not None:
         lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan "
                      f"{d['saved_to']}`)")
+    if d.get("plot") is not None:
+        lines.append(f"peak memory by sequence length drawn in {d['plot']}")
     render.print_lines(lines)
 
 

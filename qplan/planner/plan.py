@@ -77,6 +77,14 @@ class Plan:
             d["estimate"]["tokens_per_s"] = round(self.speed.tokens_per_s, 1)
         return d
 
+    def to_hf(self, *, profile=None, apply_techniques: bool = True):
+        """The plan as Hugging Face kwargs (BitsAndBytesConfig, LoraConfig,
+        TrainingArguments / SFTConfig) and qplan's techniques for a model you load yourself:
+        :class:`qplan.ecosystem.hf.HFKwargs` (see :func:`qplan.ecosystem.to_hf`)."""
+        from qplan.ecosystem.hf import to_hf
+
+        return to_hf(self, profile, apply_techniques=apply_techniques)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "plan") -> "Plan":
         if not isinstance(d, dict):

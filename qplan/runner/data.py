@@ -16,16 +16,26 @@ output, the assistant messages); every other token gets label -100.
 
 Rows: every micro-batch the runner feeds has exactly ``seq_len`` tokens per row, the
 shape the planner estimated, so the peak memory shows at the first step instead of at a
-random later one. With ``packing`` (the default) whole examples are put one after
-another into rows of up to ``seq_len`` tokens (an example that does not fit starts a new
-row; none is split); each example's position ids restart at 0, which makes attention
-block-diagonal (transformers derives the mask from the position ids), so packed
-examples never see each other. Without packing each example is its own row. Either way
-the tail of a row is padding with label -100. Examples longer than ``seq_len`` are
+random later one. With ``packing`` (the default) whole examples are placed into rows of up
+to ``seq_len`` tokens best-fit-decreasing (trl's ``pack_dataset``: the longest example
+first, each into the row it fills best; none is split), which fills ~99% of a row on
+realistic length distributions where placing them in order (first fit, one pass) filled
+75-84%. Each example's position ids restart at 0, which makes attention block-diagonal
+(transformers derives the mask from the position ids), so packed examples never see each
+other; and the first token of every example has label -100, so no example is trained to
+follow the one before it in the row. Without packing each example is its own row. Either
+way the tail of a row is padding with label -100. Examples longer than ``seq_len`` are
 truncated.
+
+Tokenization streams: records are checked in one pass that keeps only the bad ones, then
+read again as a stream, tokenized a batch at a time, held as Arrow int32 lists, packed a
+group at a time, and the rows written once with ``datasets``' ``ArrowWriter`` as a saved
+dataset; the rows returned are that dataset, memory-mapped, so the process holds a group at
+a time, not the corpus (``benchmarks/test_bench_data.py``: 1M records, 0.6 GiB of RSS).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -249,24 +259,44 @@ def render(rec: dict, fmt: str, tok) -> tuple[str, list[tuple[int, int]], bool]:
 
 
 def tokenize(rec: dict, fmt: str, tok, *, completion_only: bool) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one record: labels -100 outside the answer when
-    ``completion_only``. An end-of-sequence token ends every non-chat example (chat
-    templates end turns themselves) and counts as part of the answer."""
-    text, spans, special = render(rec, fmt, tok)
-    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if completion_only:
-        labels = []
-        for tid, (s, e) in zip(ids, enc["offset_mapping"]):
-            inside = e > s and any(a <= s < b for a, b in spans)
-            labels.append(tid if inside else -100)
-    else:
-        labels = list(ids)
-    eos = tok.eos_token_id
-    if fmt != "chat" and eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)
-        labels.append(eos)
+    """``(input_ids, labels)`` of one record (see :func:`tokenize_batch`)."""
+    (ids,), (labels,) = tokenize_batch([rec], fmt, tok, completion_only=completion_only)
     return ids, labels
+
+
+def tokenize_batch(recs: list[dict], fmt: str, tok, *, completion_only: bool
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    """``(input_ids, labels)`` of each record, in one call of the (fast) tokenizer.
+
+    Labels are -100 outside the answer when ``completion_only``. An end-of-sequence token
+    ends every non-chat example (chat templates end turns themselves) and counts as part
+    of the answer. The first token of every example is never a target (label -100): in a
+    packed row it would otherwise be trained to follow the previous example's last token
+    (alone in a row, the shifted loss never reads it anyway).
+    """
+    rendered = [render(r, fmt, tok) for r in recs]
+    texts = [r[0] for r in rendered]
+    special = rendered[0][2] if rendered else True
+    enc = tok(texts, add_special_tokens=special, return_offsets_mapping=completion_only)
+    eos = tok.eos_token_id
+    out_ids, out_labels = [], []
+    for i, (_text, spans, _sp) in enumerate(rendered):
+        ids = list(enc["input_ids"][i])
+        if completion_only:
+            labels = []
+            for tid, (s, e) in zip(ids, enc["offset_mapping"][i]):
+                inside = e > s and any(a <= s < b for a, b in spans)
+                labels.append(tid if inside else -100)
+        else:
+            labels = list(ids)
+        if fmt != "chat" and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(eos)
+        if labels:
+            labels[0] = -100
+        out_ids.append(ids)
+        out_labels.append(labels)
+    return out_ids, out_labels
 
 
 # ---------------------------------------------------------------------------
@@ -274,17 +304,47 @@ def tokenize(rec: dict, fmt: str, tok, *, completion_only: bool) -> tuple[list[i
 def pack_rows(examples: Iterable[tuple[list[int], list[int]]], seq_len: int, packing: bool
               ) -> list[dict[str, list[int]]]:
     """Rows of at most ``seq_len`` tokens: ``input_ids``, ``labels``, ``position_ids``
-    (restarting at 0 for each example). Padding is added when batches are made."""
-    rows: list[dict[str, list[int]]] = []
-    cur: dict[str, list[int]] | None = None
-    for ids, labels in examples:
-        if cur is None or not packing or len(cur["input_ids"]) + len(ids) > seq_len:
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(cur)
-        cur["input_ids"] += ids
-        cur["labels"] += labels
-        cur["position_ids"] += list(range(len(ids)))
-    return rows
+    (restarting at 0 for each example). Padding is added when batches are made. The lists
+    version of :func:`rows_dataset` (same packing)."""
+    from datasets import Dataset
+
+    ex = list(examples)
+    if not ex:
+        return []
+    with _quiet():
+        ds = Dataset.from_dict({"input_ids": [e[0] for e in ex], "labels": [e[1] for e in ex]},
+                               features=_features())
+        return rows_dataset(ds, seq_len, packing).to_list()
+
+
+def rows_dataset(examples, seq_len: int, packing: bool, *, cache_dir: str | None = None,
+                 group: int | None = None):
+    """Rows (a ``datasets.Dataset`` with ``input_ids``, ``labels``, ``position_ids``) from a
+    dataset of tokenized examples (``input_ids``, ``labels``, each at most ``seq_len``).
+
+    With ``packing``, trl's ``pack_dataset`` places whole examples best-fit-decreasing
+    (``"bfd"``) over groups of ``group`` examples (default: all of them); its
+    ``seq_lengths`` become position ids restarting at 0 for each example.
+    """
+    examples = examples.select_columns(["input_ids", "labels"])
+    kw = _map_kwargs(cache_dir)
+    if not packing:
+        return examples.map(_positions_single, batched=True, features=_row_features(), **kw)
+    from trl import pack_dataset
+
+    packed = pack_dataset(examples, seq_len, "bfd",
+                          {"batch_size": group or max(1, len(examples)), **kw})
+    return packed.map(_positions_packed, batched=True, remove_columns=["seq_lengths"],
+                      features=_row_features(), **kw)
+
+
+def _positions_single(batch: dict) -> dict:
+    return {"position_ids": [list(range(len(ids))) for ids in batch["input_ids"]]}
+
+
+def _positions_packed(batch: dict) -> dict:
+    return {"position_ids": [[p for n in lengths for p in range(n)]
+                             for lengths in batch["seq_lengths"]]}
 
 
 def pad_row(row: dict[str, list[int]], seq_len: int, pad_id: int) -> dict[str, list[int]]:
@@ -303,15 +363,233 @@ def pad_token_id(tok) -> int:
     return 0
 
 
+def scan_records(path: str | Path, *, skip_bad_lines: bool = False
+                 ) -> tuple[str, int, list[BadRecord]]:
+    """One streaming pass over the data: ``(format, good records, bad records)``, keeping
+    only the bad ones. BadInputError as :func:`load_records` raises it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadInputError(f"data {str(p)!r} does not exist; give a .jsonl file (one JSON "
+                            "object a line) or a `datasets` directory (save_to_disk)")
+    if p.is_file() and p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+        raise BadInputError(f"data {str(p)!r}: unknown format {p.suffix or '(no extension)'!r}; "
+                            "give a .jsonl file (one JSON object a line) or a `datasets` directory")
+    fmt: str | None = None
+    good = 0
+    bad: list[BadRecord] = []
+    try:
+        for where, obj in _records(p):
+            if isinstance(obj, BadRecord):
+                bad.append(obj)
+                continue
+            if fmt is None:
+                fmt = detect_format(obj)
+            problem = check_record(obj, fmt) if fmt else check_record(obj, "text")
+            if problem:
+                bad.append(BadRecord(where, problem))
+            else:
+                good += 1
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"data {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if bad and not skip_bad_lines:
+        shown = "\n".join(f"  {b}" for b in bad[:MAX_SHOWN])
+        more = f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
+        raise BadInputError(f"{p.name}: {len(bad)} bad record(s); the run did not start. Fix "
+                            f"them, or pass --skip-bad-lines to leave them out:\n{shown}{more}")
+    if not good:
+        raise BadInputError(f"{p.name}: no usable records" + (f" ({len(bad)} bad)" if bad else ""))
+    return fmt or "text", good, bad
+
+
+# Examples packed together (trl's BFD runs over groups of this many, held as Arrow int32
+# lists: ~4 bytes a token): larger fills rows a little better and holds more at once.
+PACK_GROUP = 20_000
+# Records tokenized per call of the tokenizer.
+TOKENIZE_BATCH = 1000
+DATA_FILE = "data-00000-of-00001.arrow"  # the file name of a one-shard saved dataset
+
+
+def _int32_lists(*names: str, **more):
+    """datasets Features: int32 token lists (4 bytes a token on disk, not Python's ~40)."""
+    from datasets import Features, Value
+
+    try:
+        from datasets import List  # datasets >= 4
+    except ImportError:  # pragma: no cover - datasets 3
+        from datasets import Sequence as List
+    return Features({**{n: List(Value("int32")) for n in names}, **more})
+
+
+def _features():
+    return _int32_lists("input_ids", "labels")
+
+
+def _row_features():
+    return _int32_lists("input_ids", "labels", "position_ids")
+
+
+def _map_kwargs(cache_dir: str | None) -> dict:
+    """datasets.map arguments: in memory for an in-memory dataset, else a new file in
+    ``cache_dir`` (never a stale cache hit)."""
+    kw: dict[str, Any] = {"load_from_cache_file": False}
+    if cache_dir is not None:
+        import uuid
+
+        kw["new_fingerprint"] = uuid.uuid4().hex
+        kw["cache_file_name"] = str(Path(cache_dir) / f"{kw['new_fingerprint']}.arrow")
+    return kw
+
+
+def iter_records(path: str | Path, bad: list[BadRecord], batch: int = TOKENIZE_BATCH
+                 ) -> Iterator[list[dict]]:
+    """The good records of ``path``, a batch at a time, read as a stream (a `datasets`
+    directory's Arrow files with plain reads, not a memory map)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        import pyarrow as pa
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(p))
+        if hasattr(ds, "keys"):
+            ds = ds["train"]
+        skip = {int(b.where.rsplit("[row ", 1)[1].rstrip("]")) for b in bad}
+        files = [f["filename"] for f in ds.cache_files]
+        i = 0
+        if getattr(ds, "_indices", None) is None and files:
+            for f in files:
+                with pa.OSFile(f) as src:
+                    for rb in pa.ipc.open_stream(src):
+                        rows = [r for j, r in enumerate(rb.to_pylist(), start=i) if j not in skip]
+                        i += rb.num_rows
+                        for k in range(0, len(rows), batch):
+                            yield rows[k:k + batch]
+            return
+        for rb in ds.iter(batch_size=batch):
+            n = len(next(iter(rb.values())))
+            rows = [{c: rb[c][k] for c in rb} for k in range(n)]
+            yield [r for j, r in enumerate(rows, start=i) if j not in skip]
+            i += n
+        return
+    skip = {int(b.where.rsplit(":", 1)[1]) for b in bad}
+    out: list[dict] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip() and n not in skip:
+                out.append(json.loads(line))
+                if len(out) == batch:
+                    yield out
+                    out = []
+    if out:
+        yield out
+
+
+class _RowWriter:
+    """Packs groups of tokenized examples (held as Arrow) and appends the rows to one Arrow
+    file, written like a one-shard ``save_to_disk`` folder."""
+
+    def __init__(self, folder: Path, seq_len: int, packing: bool, summary: "DataSummary",
+                 group: int):
+        from datasets.arrow_writer import ArrowWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.seq_len, self.packing, self.summary = folder, seq_len, packing, summary
+        self.group = group
+        self.pending: list = []  # Arrow tables of tokenized examples
+        self.n_pending = 0
+        self.rows = 0
+        self.writer = ArrowWriter(features=_row_features(), path=str(folder / DATA_FILE))
+
+    def add(self, table) -> None:
+        self.pending.append(table)
+        self.n_pending += table.num_rows
+        if self.n_pending >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from datasets import Dataset
+
+        if not self.n_pending:
+            return
+        ex = Dataset(pa.concat_tables(self.pending).combine_chunks())
+        self.pending, self.n_pending = [], 0
+        rows = rows_dataset(ex, self.seq_len, self.packing).data.table
+        self.writer.write_table(rows)
+        self.rows += rows.num_rows
+        if self.summary is not None:
+            self.summary.tokens += int(pc.sum(pc.list_value_length(rows["input_ids"])).as_py() or 0)
+            self.summary.label_tokens += int(pc.sum(pc.not_equal(
+                pc.list_flatten(rows["labels"]), -100)).as_py() or 0)
+
+    def close(self):
+        """The rows: a memory-mapped dataset (``len``, indexing, ``save_to_disk``)."""
+        from datasets import Dataset
+
+        self.flush()
+        self.writer.finalize()
+        self.writer.close()
+        # state.json and dataset_info.json of a saved dataset: those of a one-row dataset
+        # with the same features (one shard, named DATA_FILE), whose data file is then the
+        # one written above
+        meta = self.folder / ".meta"
+        Dataset.from_dict({k: [[0]] for k in _row_features()}, features=_row_features()
+                          ).save_to_disk(str(meta))
+        state = json.loads((meta / "state.json").read_text())
+        assert [f["filename"] for f in state["_data_files"]] == [DATA_FILE], state
+        for name in ("state.json", "dataset_info.json"):
+            (meta / name).replace(self.folder / name)
+        import shutil
+
+        shutil.rmtree(meta)
+        ds = Dataset.from_file(str(self.folder / DATA_FILE))
+        ds._qplan_folder = self.folder
+        return ds
+
+
+def _table(ids: list[list[int]], labels: list[list[int]]):
+    import pyarrow as pa
+
+    t = pa.list_(pa.int32())
+    return pa.table({"input_ids": pa.array(ids, type=t), "labels": pa.array(labels, type=t)})
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No datasets progress bars while qplan prints its own lines."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def prepare(path: str | Path, tok, *, seq_len: int, completion_only: bool = False,
             skip_bad_lines: bool = False, packing: bool = True, eval_fraction: float = 0.0,
-            seed: int = 0) -> tuple[list[dict], list[dict], DataSummary, list[BadRecord]]:
+            seed: int = 0, cache_dir: str | Path | None = None
+            ) -> tuple[Any, Any, DataSummary, list[BadRecord]]:
     """``(train rows, eval rows, summary, bad records)`` for the data at ``path``.
 
-    ``eval_fraction`` > 0 holds out that share of the examples (at least one) for evaluation,
-    chosen with ``seed``.
+    The rows are ``datasets.Dataset`` objects (``input_ids``, ``labels``, ``position_ids``;
+    ``len()``, indexing and iteration as a list of dicts), memory-mapped from one Arrow file
+    each, written a group of examples at a time into ``cache_dir/train`` and ``.../eval``
+    (default: a temporary folder removed with the datasets): folders ``load_from_disk``
+    reads. ``eval_fraction`` > 0 holds out that share of the records (at least one) for
+    evaluation, chosen with ``seed``.
     """
-    fmt, records, bad = load_records(path, skip_bad_lines=skip_bad_lines)
+    with _quiet():
+        return _prepare(path, tok, seq_len=seq_len, completion_only=completion_only,
+                        skip_bad_lines=skip_bad_lines, packing=packing,
+                        eval_fraction=eval_fraction, seed=seed, cache_dir=cache_dir)
+
+
+def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, eval_fraction,
+             seed, cache_dir):
+    fmt, good, bad = scan_records(path, skip_bad_lines=skip_bad_lines)
     if completion_only and fmt == "text":
         raise BadInputError(f"--completion-only needs to know where the answer starts, but "
                             f"{Path(path).name} holds plain 'text' records; use prompt/completion, "
@@ -320,44 +598,63 @@ def prepare(path: str | Path, tok, *, seq_len: int, completion_only: bool = Fals
         raise BadInputError(f"{Path(path).name} holds chat records but the model's tokenizer has no "
                             "chat template; use a tokenizer with one (tokenizer_config.json "
                             "'chat_template') or give text / Alpaca records")
-    summary = DataSummary(source=str(path), format=fmt, records=len(records),
-                          bad_skipped=len(bad), packing=packing, completion_only=completion_only)
+    summary = DataSummary(source=str(path), format=fmt, records=good, bad_skipped=len(bad),
+                          packing=packing, completion_only=completion_only)
     if bad:
         summary.notes.append(f"skipped {len(bad)} bad record(s), first: {bad[0]}")
-    examples = []
-    for _, rec in records:
-        ids, labels = tokenize(rec, fmt, tok, completion_only=completion_only)
-        if len(ids) > seq_len:
-            summary.truncated += 1
-            ids, labels = ids[:seq_len], labels[:seq_len]
-        if not any(x != -100 for x in labels[1:]):
-            summary.dropped_no_labels += 1
-            continue
-        examples.append((ids, labels))
+    held: set[int] = set()
+    if eval_fraction > 0:
+        if good < 2:
+            raise BadInputError("--eval-split needs at least 2 examples")
+        order = list(range(good))
+        random.Random(seed).shuffle(order)
+        held = set(order[:min(good - 1, max(1, round(eval_fraction * good)))])
+        del order
+    tmp = None
+    if cache_dir is None:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="qplan-data-")
+        cache_dir = tmp.name
+    root = Path(cache_dir)
+    train = _RowWriter(root / "train", seq_len, packing, summary, PACK_GROUP)
+    ev = _RowWriter(root / "eval", seq_len, packing, None, PACK_GROUP) if held else None
+    index = 0
+    for recs in iter_records(path, bad):
+        ids, labels = tokenize_batch(recs, fmt, tok, completion_only=completion_only)
+        keep: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+        for x, y in zip(ids, labels):
+            if len(x) > seq_len:
+                summary.truncated += 1
+                x, y = x[:seq_len], y[:seq_len]
+            if any(t != -100 for t in y[1:]):
+                side = keep[index in held]
+                side[0].append(x)
+                side[1].append(y)
+                summary.examples += index not in held
+            else:
+                summary.dropped_no_labels += 1
+            index += 1
+        if keep[False][0]:
+            train.add(_table(*keep[False]))
+        if ev is not None and keep[True][0]:
+            ev.add(_table(*keep[True]))
     if summary.truncated:
         summary.notes.append(f"{summary.truncated} example(s) longer than {seq_len} tokens were truncated")
     if summary.dropped_no_labels:
         summary.notes.append(f"{summary.dropped_no_labels} example(s) had no answer tokens left "
                              "after truncation and were dropped")
-    if not examples:
+    if not summary.examples:
         raise BadInputError(f"{Path(path).name}: no example has tokens to learn from "
                             f"at --seq {seq_len}")
-    ev: list = []
-    if eval_fraction > 0:
-        if len(examples) < 2:
-            raise BadInputError("--eval-split needs at least 2 examples")
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        k = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
-        held = set(order[:k])
-        ev = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-    summary.examples = len(examples)
-    rows = pack_rows(examples, seq_len, packing)
+    rows = train.close()
     summary.rows = len(rows)
-    summary.tokens = sum(len(r["input_ids"]) for r in rows)
-    summary.label_tokens = sum(sum(1 for x in r["labels"] if x != -100) for r in rows)
-    return rows, pack_rows(ev, seq_len, packing), summary, bad
+    evr = ev.close() if ev is not None else []
+    if tmp is not None:  # the folder goes when the last of the datasets does
+        rows._qplan_tmp = tmp
+        if ev is not None:
+            evr._qplan_tmp = tmp
+    return rows, evr, summary, bad
 
 
 def step_order(n_rows: int, count: int, seed: int) -> list[int]:

@@ -158,13 +158,23 @@ def _data(req: RunRequest, tok, cfg):
     return rows, eval_rows, summary
 
 
-def _save_rows(rows: list[dict], path: Path) -> None:
+def _save_rows(rows, path: Path) -> None:
+    """The rows as a saved dataset (prepare() may have written them as one already: then
+    they are moved, not copied)."""
     import datasets
 
+    folder = getattr(rows, "_qplan_folder", None)
+    if folder is not None:
+        import shutil
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(folder), str(path))
+        return
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+        ds = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
+        ds.save_to_disk(str(path))
     finally:
         if shown:
             datasets.enable_progress_bars()
