@@ -341,7 +341,8 @@ def test_to_hf_kwargs_are_fields_of_the_objects():
 
 def test_to_hf_sections_are_what_check_reads(tmp_path):
     profile, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4090")
-    plan = api.suggest(profile, g)
+    plan = api.make_plan(profile, g, TrainConfig(seq_len=2048, batch_size=2, grad_accum=8,
+                                                 loss="standard", grad_ckpt=True), target=16)
     hf = plan.to_hf(apply_techniques=False)
     r = read_file(write(tmp_path, "hf.yaml", hf.to_dict()), trl_version="1.16.0")[0]
     assert plan.config.loss == "standard" and "loss" in hf.not_expressible
@@ -399,7 +400,8 @@ def test_exit_codes_follow_estimate():
 def test_export_writes_a_file_and_reports_the_gaps(tmp_path):
     save = tmp_path / "plan.yaml"
     profile, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4060")
-    save_plan(api.suggest(profile, g, seq_len=1024), save)
+    cfg = TrainConfig(seq_len=1024, batch_size=1, grad_accum=16, loss="fused", embed_on_cpu=True)
+    save_plan(api.make_plan(profile, g, cfg, target=16), save)
     out = tmp_path / "train_trl.py"
     r = run("export", "--plan", str(save), "--format", "trl", "-o", str(out))
     assert r.exit_code == 0, r.output

@@ -116,8 +116,11 @@ def test_target_subset_counts_only_those_layers(llama8b, targets):
     assert M.lora_gradients(llama8b, cfg) == 4 * expected
     full = M.estimate_memory(llama8b, TrainConfig(lora_rank=16))
     sub = M.estimate_memory(llama8b, cfg)
-    for key in ("lora_adapters", "gradients", "optimizer_states"):
+    for key in ("lora_adapters", "gradients"):
         assert sub.term(key).bytes < full.term(key).bytes
+    assert sub.paged_bytes < full.paged_bytes  # paged optimizer states, outside the peak
+    adam = M.estimate_memory(llama8b, cfg.with_(optim="adamw_torch"))
+    assert adam.term("optimizer_states").bytes == 8 * expected
 
 
 @pytest.mark.parametrize("alias", [None, ("all",), ("all-linear",), tuple(L8B_SHAPES)])
@@ -225,10 +228,14 @@ def test_llama_rejects_phi3_names(llama8b):
                                             ("flash_attention_2", 0)])
 def test_packed_rows_mask_is_batch_x_seq_squared_bytes_without_flash(llama8b, attn, expected):
     cfg = TrainConfig(seq_len=8192, batch_size=2, attn=attn, packed_rows=True)
-    assert M.attention_mask(llama8b, cfg) == expected
+    assert M.attention_mask(llama8b, cfg) == expected  # the analytic term
     assert M.attention_mask(llama8b, cfg.with_(packed_rows=False)) == 0
-    est = M.estimate_memory(llama8b, cfg)
-    assert est.term("attention_mask").bytes == expected
+    # counted: the boolean mask is among what precedes the first block (with the rotary
+    # tables, which packed rows hold per row instead of per position)
+    packed = M.estimate_memory(llama8b, cfg).term("attention_mask").bytes
+    unpacked = M.estimate_memory(llama8b, cfg.with_(packed_rows=False)).term("attention_mask").bytes
+    assert expected <= packed - unpacked <= expected + 2 * 8192 * 512 if expected else \
+        packed == unpacked
 
 
 def test_lean_norms_save_two_bytes_per_norm_and_hidden_element(llama8b):

@@ -293,7 +293,7 @@ def _option(reading: Reading, profile, gpu, new: TrainConfig, *, capacity_bytes,
                for f in TrainConfig.__dataclass_fields__
                if getattr(reading.config, f) != getattr(r.config, f)}
     return Option(edits=edits, config=r.config, changes=changes, peak_bytes=est.memory.peak_bytes,
-                  tokens_per_s=est.speed.tokens_per_s, fits=est.memory.peak_bytes <= usable,
+                  tokens_per_s=est.speed.tokens_per_s, fits=est.memory.safe_peak_bytes <= usable,
                   why=why)
 
 
@@ -344,7 +344,7 @@ def to_fit_options(reading: Reading, profile, gpu, *, capacity_bytes=None, usabl
         if step is None:
             break
         cur, why = step
-        whys.append(why)
+        whys.append(why.text)
         o = _option(reading, profile, gpu, cur, why="; ".join(whys), **kw)
         if o is not None and o.fits:
             return [o]
@@ -427,7 +427,7 @@ def check(reading: Reading, profile, gpu, *, capacity_bytes: int | None = None,
     auto = None if est.fits else _auto_batch(reading, profile, gpu, capacity_bytes, pm)
     to_fit: list[Option] = []
     faster = None
-    if est.memory.peak_bytes > usable:
+    if est.memory.safe_peak_bytes > usable:
         to_fit = to_fit_options(reading, profile, gpu, capacity_bytes=capacity_bytes,
                                 usable=usable, pm=pm)
     else:
