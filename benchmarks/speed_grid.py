@@ -260,7 +260,7 @@ def main() -> int:
                 cfgs = rank_configs(model, card, seq, layers)
                 if small:
                     cfgs = [(c.with_(seq_len=128), ch, p) for c, ch, p in cfgs[:2]]
-                cap = simulation(api.get_gpu(card))["cap_bytes"] / 2**30
+                cap = simulation(api.get_gpu(card)).cap_bytes / 2**30
                 specs.append({"tag": f"rank:{card}", "model": model, "layers": 2 if small else layers,
                               "configs": [(c.to_dict(), ch, p) for c, ch, p in cfgs], "cap_gib": cap,
                               **({"steps": 1, "warmup": 1} if small else {})})

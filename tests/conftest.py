@@ -50,3 +50,21 @@ def pre_ampere_gpu() -> GpuProfile:
             return g
     # https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf
     return GpuProfile("t4", "NVIDIA Tesla T4", 16, (7, 5), 65.0, 320, "test", kind="datacenter")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_qplan_home(tmp_path_factory):
+    """Every test (and every qplan process a test starts) uses an empty qplan home: no
+    calibration records or counted models of the machine's own leak into estimates."""
+    import os
+
+    home = tmp_path_factory.mktemp("qplan-home")
+    old = os.environ.get("QPLAN_HOME")
+    os.environ["QPLAN_HOME"] = str(home)
+    api._STORES.clear()
+    yield home
+    if old is None:
+        os.environ.pop("QPLAN_HOME", None)
+    else:
+        os.environ["QPLAN_HOME"] = old
+    api._STORES.clear()

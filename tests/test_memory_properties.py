@@ -256,10 +256,13 @@ def test_offload_is_never_faster(model, cfg, gpu):
 
 @FAST
 @given(models, configs(), gpus)
-def test_grad_accum_does_not_change_throughput(model, cfg, gpu):
-    a = estimate_speed(model, cfg.with_(grad_accum=1), gpu).tokens_per_s
-    b = estimate_speed(model, cfg.with_(grad_accum=7), gpu).tokens_per_s
-    assert a == pytest.approx(b, rel=1e-12)
+def test_grad_accum_only_spreads_the_optimizer_step(model, cfg, gpu):
+    """Micro-batches cost the same; the optimizer step is shared by more of them."""
+    one = estimate_speed(model, cfg.with_(grad_accum=1), gpu)
+    seven = estimate_speed(model, cfg.with_(grad_accum=7), gpu)
+    assert seven.tokens_per_s >= one.tokens_per_s
+    opt = dict(one.terms)["optimizer"]
+    assert seven.step_s == pytest.approx(7 * (one.step_s - opt) + opt, rel=1e-9)
 
 
 @FAST

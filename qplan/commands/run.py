@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-from qplan.commands.common import (MAX_EFFECTIVE_BATCH, FiniteFloat, examples, handles_errors,
+from qplan.commands.common import (MAX_EFFECTIVE_BATCH, FiniteFloat, calibration_option, examples,
+                                   handles_errors,
                                    json_option, knob_options, knob_values)
 from qplan.runner.types import MAX_EVAL_SPLIT
 
@@ -76,12 +77,13 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--cpu", is_flag=True, help="train on CPU even if a GPU is present (slow)")
 @click.option("--resume", type=click.Path(), help="continue the run in this folder")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@calibration_option
 @json_option
 @handles_errors
 def run_command(model, data, plan_file, effective_batch, output, max_steps, epochs, lr,
                 eval_data, eval_split, completion_only, skip_bad_lines, packing,
                 allow_shorter_seq, max_attempts, save_steps, seed, simulate_gpu, gpu, cpu,
-                resume, quiet, as_json, **knobs):
+                resume, quiet, calibration, as_json, **knobs):
     """Fine-tune with a plan that fits: QLoRA with transformers + peft + bitsandbytes.
 
     Plans for the detected GPU (or uses --plan; any setting can be overridden by its flag),
@@ -107,7 +109,7 @@ def run_command(model, data, plan_file, effective_batch, output, max_steps, epoc
                      packing=packing, allow_shorter_seq=allow_shorter_seq,
                      max_attempts=max_attempts, save_steps=save_steps, seed=seed,
                      simulate_gpu=simulate_gpu, gpu=gpu, cpu=cpu, resume=resume,
-                     progress=not quiet)
+                     progress=not quiet, use_calibration=calibration)
     try:
         report = run(req, notify=say, child_stdout=2 if as_json else None)
     except RunError as e:  # the run's summary, then the message (handles_errors)

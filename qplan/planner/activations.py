@@ -9,8 +9,8 @@ finds the figures for a model and a :class:`TrainConfig` and evaluates them; the
 (:mod:`qplan.planner.memory`) turns them into terms.
 
 Each fit is ``a*T + c*T*s + p*s (+ e*b) + d`` in bytes, for ``T = batch*seq`` tokens, ``s``
-the sequence length, ``b`` the batch (the ``e`` term only where the MLP is tiled, for one
-chunk of every row). Regimes not counted directly are composed: a variant's difference
+the sequence length, ``b`` the batch (the ``e`` term only inside a tiled MLP's backward, for
+one chunk of every row; a block's backward is the larger of that piece and the rest). Regimes not counted directly are composed: a variant's difference
 from the base regime (with the same checkpointing and packing) is added to the base regime
 with the same lean norms and tiling.
 """
@@ -25,7 +25,7 @@ from typing import Any
 from qplan.planner.config import TrainConfig
 
 COUNTS_DIR = Path(__file__).resolve().parents[1] / "profiles" / "activation_counts"
-SUPPORTED_VERSION = 1
+SUPPORTED_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,11 @@ def features(batch: int, seq: int, tiled: bool) -> list[float]:
     return [t, t * seq, seq, batch, 1.0] if tiled else [t, t * seq, seq, 1.0]
 
 
-def evaluate(coef: list[float], batch: int, seq: int) -> float:
-    """A fit at ``batch`` x ``seq`` (either feature set, by its length)."""
+def evaluate(coef, batch: int, seq: int) -> float:
+    """A fit at ``batch`` x ``seq`` (either feature set, by its length); a list of fits
+    (pieces) is their largest."""
+    if coef and isinstance(coef[0], list):
+        return max(evaluate(c, batch, seq) for c in coef)
     return sum(c * x for c, x in zip(coef, features(batch, seq, len(coef) == 5)))
 
 
@@ -152,11 +155,18 @@ class RegimeFigures:
     kept_first: list[float]
     kept: dict[str, list[float]]
     backward: dict[str, list[float]]
+    backward_mlp: dict[str, list[float]]  # inside a tiled MLP's backward (empty: not tiled)
     composed_from: tuple[str, ...]
 
 
-def _add(a: list[float], b: list[float], sign: float = 1.0) -> list[float]:
-    """``a + sign*b`` where ``b`` may lack the tiled ``b`` feature (4 vs 5 coefficients)."""
+def _add(a, b, sign: float = 1.0):
+    """``a + sign*b`` where ``b`` may lack the tiled ``b`` feature (4 vs 5 coefficients).
+    Pieces (lists of fits): ``b``'s single fit, or its largest piece at no particular size
+    (the difference of a variant), is added to each of ``a``'s pieces."""
+    if a and isinstance(a[0], list):
+        return [_add(p, b, sign) for p in a]
+    if b and isinstance(b[0], list):
+        b = b[0] if len(b) == 1 else [max(col) if sign > 0 else min(col) for col in zip(*b)]
     if len(a) == len(b):
         return [x + sign * y for x, y in zip(a, b)]
     if len(a) == 5 and len(b) == 4:
@@ -190,6 +200,7 @@ def figures(counts: Counts, cfg: TrainConfig, *, packed: bool, tiled: bool,
     vals = {f: list(base[f]) for f in fields}
     kept = {k: list(v) for k, v in base["kept"].items()}
     backward = {k: list(v) for k, v in base["backward"].items()}
+    backward_mlp = {k: list(v) for k, v in base.get("backward_mlp", {}).items()}
     plain = counts.regimes[regime_key(cfg.grad_ckpt, packed, False, False)]
     for v in _variants(model_targets, cfg, resolved_targets):
         var = counts.regimes.get(regime_key(cfg.grad_ckpt, packed, False, False, v))
@@ -200,5 +211,9 @@ def figures(counts: Counts, cfg: TrainConfig, *, packed: bool, tiled: bool,
             vals[f] = _add(vals[f], _add(var[f], plain[f], -1.0))
         for k in kept:
             kept[k] = _add(kept[k], _add(var["kept"][k], plain["kept"][k], -1.0))
-            backward[k] = _add(backward[k], _add(var["backward"][k], plain["backward"][k], -1.0))
-    return RegimeFigures(key=key, kept=kept, backward=backward, composed_from=tuple(parts), **vals)
+            delta = _add(var["backward"][k], plain["backward"][k], -1.0)
+            backward[k] = _add(backward[k], delta)
+            if k in backward_mlp:
+                backward_mlp[k] = _add(backward_mlp[k], delta)
+    return RegimeFigures(key=key, kept=kept, backward=backward, backward_mlp=backward_mlp,
+                         composed_from=tuple(parts), **vals)

@@ -81,29 +81,34 @@ ALLOC_FIXED_GIB = 0.25
 ALLOC_FIXED_DEFAULT_GIB = 0.7
 
 # ---- speed --------------------------------------------------------------
-# Least-squares fit of the median step time of 70 H200 runs (warm-up runs excluded) to
-# flops / (rate x MATMUL_EFFICIENCY) + bytes / (bandwidth x BANDWIDTH_EFFICIENCY) + overhead;
-# median |error| of the fitted step time 13% (3 timed steps a run: noisy).
-# Fraction of the datasheet matrix rate reached by QLoRA steps.
-MATMUL_EFFICIENCY = 0.43
-# Fraction of datasheet bandwidth reached by dequantization traffic.
-BANDWIDTH_EFFICIENCY = 0.20
-# Fixed per-micro-batch overhead (Python in peft/bitsandbytes, launches), seconds.
-STEP_OVERHEAD_S = 0.18
-FUSED_LOSS_TIME_FACTOR = 1.0
-# offload: 16k tokens, 4,006 vs 4,093 tok/s (pinned copies on the compute stream)
-OFFLOAD_TIME_FACTOR = 1.03
-# recompute_norms: 8k tokens 5,345 vs 5,461 tok/s; 16k tiled 4,079 vs 4,093
-NORM_TIME_FACTOR = 1.02
-# embed_on_cpu: 4096 tokens without checkpointing, 7,403 tok/s vs 9,350 without CPU embeddings
-# (the lookup on the CPU and the copy of the rows; one timed step each, so rough)
-EMBED_CPU_TIME_FACTOR = 1.25
-EAGER_TIME_FACTOR = 1.2
-# Attention FLOPs multiplier with a packed-rows mask under sdpa (no causal skipping, masked
-# kernel): the runner's 40,448-token packed row on the H200 ran at 1,697 tok/s, where the
-# unmasked model predicts 2,903 (benchmarks/results/runner_gpu_longest/). One run: rough.
-MASKED_ATTENTION_FACTOR = 2.5
+# Coefficients of the speed model's terms (qplan/planner/speed.py). Each term is a count
+# (FLOPs, bytes, launches) over the GPU's datasheet rate times an efficiency, or a fixed
+# time; fitted by least squares to steady-state step times measured on the H200
+# (benchmarks/speed_grid.py, results/speed_fit.md), held-out error reported there.
+EAGER_ATTENTION_EFFICIENCY = 0.5  # eager attention relative to the fused kernel (not measured)
+CHUNK_S = 0.0001  # per tiled-MLP chunk and block, forward and backward
+STEP_FIXED_S = 0.02  # per optimizer step: the optimizer's launches and the runner's own work
+OPTIMIZER_BYTES_PER_PARAM = 16.0  # 8-bit AdamW's traffic per LoRA parameter
+PCIE_GBS = 20.0  # offloaded activations to pinned host memory and back
+CPU_EMBED_GBS = 4.0  # looked-up embedding rows from the host (pageable copy)
+# Fitted coefficients of qplan.planner.speed.speed_features (seconds per unit; for rate-bound
+# terms 1 / the fraction of the datasheet rate reached). Written from results/speed_fit.json.
+SPEED_COEFFICIENTS = {
+    "matmul": 1.333,
+    "head": 1.364,
+    "dequant": 0,
+    "attention": 3.158,
+    "activations": 16.18,
+    "linear_passes": 0.0005308,
+    "micro_batch": 0,
+}
 DROPOUT_TIME_FACTOR = 1.03
+NORM_TIME_FACTOR = 1.02
+# Where the speed coefficients were measured, and how far predictions may be off there
+# (held-out) and on other GPUs (datasheet-scaled, unmeasured: wider).
+SPEED_MEASURED_GPUS = ("h200",)
+SPEED_ERROR_MEASURED = 0.25  # held-out median 23% (results/speed_fit.md)
+SPEED_ERROR_SCALED = 0.40
 
 # ---- uncertainty band ------------------------------------------------------
 # Every estimate carries a one-sided band: the search keeps peak + band under the card (less
@@ -112,7 +117,7 @@ DROPOUT_TIME_FACTOR = 1.03
 # terms fitted to Llama-like models) carry BAND_ANALYTIC of the activation memory on top.
 # Set from the held-out runner grid (benchmarks/results/grid_report.md).
 BAND_COUNTED = 0.03
-BAND_ANALYTIC = 0.20
+BAND_ANALYTIC = 0.45  # covers the grid with counts off (results/grid_report.md, analytic fallback: worst -25%)
 BAND_MIN_GIB = 0.10
 
 # What a card loses to other things before training starts (display server, desktop, other

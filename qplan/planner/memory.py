@@ -445,7 +445,9 @@ def counted_dynamic(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
             kept += n * k_each
     head = ev(f.head)
     scale = _tiled_scale(cfg, c) if tiled else 1.0
-    block = max(_tiled_eval(fit(for_kind(k).backward, k), b, s, scale) for k in kinds)
+    block = max(max(ev(fit(for_kind(k).backward, k)),
+                    _tiled_eval(fit(for_kind(k).backward_mlp, k), b, s, scale)
+                    if for_kind(k).backward_mlp else 0.0) for k in kinds)
     block += per_tok * t if cfg.grad_ckpt else 0
     block_phase = head + evaluate(f.entering, b, s) + block
     logits = _loss_logits(model, cfg)
@@ -472,9 +474,11 @@ def _tiled_scale(cfg: TrainConfig, c) -> float:
     return min(cfg.seq_len, cfg.mlp_chunk) / c.mlp_chunk
 
 
-def _tiled_eval(coef: list[float], b: int, s: int, chunk_scale: float) -> float:
+def _tiled_eval(coef, b: int, s: int, chunk_scale: float) -> float:
     from qplan.planner.activations import evaluate
 
+    if coef and isinstance(coef[0], list):  # pieces: the largest
+        return max(_tiled_eval(c, b, s, chunk_scale) for c in coef)
     if len(coef) == 5:  # the batch term is one chunk of every row
         coef = coef[:3] + [coef[3] * chunk_scale] + coef[4:]
     return max(0.0, evaluate(coef, b, s))

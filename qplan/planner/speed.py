@@ -1,16 +1,28 @@
 """Speed model: predicted tokens per second of a QLoRA / LoRA training step.
 
-A step is matrix work plus memory traffic. Matrix work: per token, the forward pass
-costs 2 FLOPs per weight, the backward pass (input gradients only: the base weights are
-frozen) another 2, and checkpointing recomputes the forward once more; attention adds
-its s-dependent products. Memory traffic: bitsandbytes dequantizes every 4-bit weight to
-16-bit for each pass over it, once per micro-batch, which is why larger batches run faster.
-Both are divided by the GPU's rates times an efficiency measured on the GPU machine
-(:mod:`.calibration`); on other GPUs the datasheet rates scale the prediction.
+One micro-batch's time is a sum of named terms, each a count (FLOPs, bytes, launches) over a
+rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibration`):
+
+- :func:`matmul_s`: the dense products: forward, the input gradients (the base weights are
+  frozen) and, with checkpointing, the forward again; the output layer (twice forward with
+  the fused loss, which recomputes it in backward); LoRA's small products;
+- :func:`dequant_s`: bitsandbytes dequantizes each 4-bit weight to 16 bits for every pass
+  over it (above 512 rows; its own kernel reads the 4-bit weight directly below);
+- :func:`attention_s`: the attention products (a causal kernel skips half; a packed-rows
+  mask makes the kernel a masked one, which does not);
+- :func:`activation_s`: memory-bound elementwise work (norms, activations, residual adds,
+  rotary, LoRA adds), proportional to the bytes a block keeps per token;
+- :func:`launch_s`: fixed costs per block and per LoRA-wrapped linear for each pass (kernel
+  launches and Python in peft and bitsandbytes): what dominates small models and batches;
+- :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
+- and per optimizer step, :func:`optimizer_s` and the runner's own step overhead.
+
+On other GPUs the rates are the catalogue's datasheet figures and the fixed costs are the
+H200 machine's; :func:`speed_uncertainty` says how far to trust the figure.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qplan.planner import calibration as C
 from qplan.planner.config import TrainConfig
@@ -22,73 +34,206 @@ from qplan.profiles.models import ModelProfile
 class SpeedEstimate:
     tokens_per_s: float
     step_s: float  # one optimizer step (all micro-batches)
-    compute_s: float  # per micro-batch
-    memory_s: float  # per micro-batch
+    compute_s: float  # per micro-batch: the matrix and attention work
+    memory_s: float  # per micro-batch: dequantization and activation traffic
+    terms: tuple[tuple[str, float], ...] = ()  # seconds per optimizer step, by term
+    uncertainty: float = 0.0  # relative: how far the measured figure may be from this one
+    basis: str = ""  # where the rates come from
 
     def wall_time_s(self, tokens: int) -> float:
         return tokens / self.tokens_per_s if self.tokens_per_s else float("inf")
 
     def scaled(self, factor: float) -> "SpeedEstimate":
         """This estimate with throughput multiplied by ``factor`` (a measured correction)."""
-        from dataclasses import replace
-
         return replace(self, tokens_per_s=self.tokens_per_s * factor, step_s=self.step_s / factor)
 
 
-def flops_per_micro_batch(model: ModelProfile, cfg: TrainConfig) -> float:
-    """Matrix FLOPs of forward + backward (+ recompute) for one micro-batch."""
-    t = cfg.batch_size * cfg.seq_len
-    dense = model.quantized_params + model.vocab_size * model.hidden_size
-    passes = 3 if cfg.grad_ckpt else 2  # fwd, bwd (input grads ~ fwd), recompute
-    flops = 2 * dense * t * passes
-    # attention: QK^T and AV, causal (half), 2 FLOPs per MAC; backward ~2.5x forward
-    # (a packed-rows mask under sdpa/eager loses the causal kernel's skipping of the upper
-    # half, and the masked kernel is slower: C.MASKED_ATTENTION_FACTOR, measured)
-    masked = cfg.packed_rows and cfg.attn != "flash_attention_2"
-    attn_fwd = (2 * 2 * cfg.seq_len * model.q_size * t / 2 * model.num_hidden_layers
-                * (C.MASKED_ATTENTION_FACTOR if masked else 1.0))
-    flops += attn_fwd * (1 + 2.5 + (1 if cfg.grad_ckpt else 0))
-    # LoRA: A and B forward + both gradients, small
-    lora = sum(cfg.lora_rank * (s.in_features + s.out_features) for s in model.linear_shapes()
-               if s.name in model.resolve_targets(cfg.lora_targets)) * model.num_hidden_layers
-    flops += 2 * lora * t * (passes + 1)
-    if cfg.mlp_chunk:
-        # tiled MLPs run their forward once more (each chunk's checkpoint in backward)
+def _tokens(cfg: TrainConfig) -> int:
+    return cfg.batch_size * cfg.seq_len
+
+
+def _passes(cfg: TrainConfig) -> int:
+    """Passes over the blocks' weights per micro-batch: forward, backward (+ recompute)."""
+    return 3 if cfg.grad_ckpt else 2
+
+
+def _targets(model: ModelProfile, cfg: TrainConfig):
+    names = model.resolve_targets(cfg.lora_targets)
+    return [s for s in model.linear_shapes() if s.name in names]
+
+
+def matmul_flops(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Dense FLOPs of one micro-batch in the blocks: 2 per weight and token for each pass over
+    them (forward, the input gradients: the base weights are frozen; the recompute with
+    checkpointing), LoRA's products (forward, input and weight gradients), and one more
+    forward of every tiled MLP."""
+    t = _tokens(cfg)
+    flops = 2.0 * model.quantized_params * t * _passes(cfg)
+    lora = sum(cfg.lora_rank * (s.in_features + s.out_features) for s in _targets(model, cfg))
+    flops += 2.0 * lora * model.num_hidden_layers * t * (_passes(cfg) + 1)
+    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
         mlp = sum(s.weight_params for s in model.linear_shapes()
                   if s.name in ("gate", "up", "down", "gate_up"))
-        flops += 2 * mlp * t * model.num_hidden_layers
+        flops += 2.0 * mlp * model.num_hidden_layers * t
     return flops
 
 
-def bytes_per_micro_batch(model: ModelProfile, cfg: TrainConfig) -> float:
-    """Weight traffic per micro-batch: dequantize (read 4-bit, write 16-bit) and read the
-    16-bit copy in the matmul, for every pass over the weights; the unquantized output layer
-    is read (and under kbit preparation cast from float32) each pass."""
-    passes = 3 if cfg.grad_ckpt else 2
-    q = model.quantized_params
-    per_pass = q * (0.5 + 2 + 2) if cfg.quant != "none" else q * 2
+def head_flops(model: ModelProfile, cfg: TrainConfig) -> float:
+    """The output layer's FLOPs: forward and its input gradient, once more with the fused
+    loss (it recomputes each chunk's logits in backward). Its own term: the fused loss runs
+    it in small chunks, the standard loss with float32 logits around it."""
     head = model.vocab_size * model.hidden_size
-    per_pass += head * (4 + 2 + 2 if cfg.prepare == "kbit" else 2)
-    return per_pass * passes
+    return 2.0 * head * _tokens(cfg) * (3 if cfg.loss == "fused" else 2)
 
 
-def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> SpeedEstimate:
-    """Predicted throughput of ``cfg`` on ``gpu``."""
-    compute_s = flops_per_micro_batch(model, cfg) / (gpu.tflops_16bit * 1e12 * C.MATMUL_EFFICIENCY)
-    memory_s = bytes_per_micro_batch(model, cfg) / (gpu.bandwidth_gbs * 1e9 * C.BANDWIDTH_EFFICIENCY)
-    micro = compute_s + memory_s + C.STEP_OVERHEAD_S
-    if cfg.loss == "fused":
-        micro *= C.FUSED_LOSS_TIME_FACTOR
-    if cfg.offload_activations and cfg.grad_ckpt:  # offload only moves checkpointed inputs
-        micro *= C.OFFLOAD_TIME_FACTOR
-    if cfg.recompute_norms:
-        micro *= C.NORM_TIME_FACTOR
-    if cfg.embed_on_cpu:
-        micro *= C.EMBED_CPU_TIME_FACTOR
+def dequant_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Bytes moved to dequantize the 4-bit weights, for each pass over the blocks: read half a
+    byte, write 2 bytes, read them again in the product. bitsandbytes does this only above 512
+    rows a micro-batch; below, its own kernel reads the 4-bit weights (counted as the read)."""
+    q = model.quantized_params
+    if cfg.quant == "none":
+        return 2.0 * q * _passes(cfg)
+    per = 4.5 if _tokens(cfg) > 512 else 0.5
+    return per * q * _passes(cfg)
+
+
+
+
+def attention_flops(model: ModelProfile, cfg: TrainConfig) -> float:
+    """QK^T and AV for every block: forward, backward (about 2.5 forwards) and recompute.
+    A causal kernel computes half the products; with a packed-rows mask (sdpa, eager) the
+    kernel is a masked one, which computes all of them."""
+    t = _tokens(cfg)
+    full = 4.0 * cfg.seq_len * model.q_size * t * model.num_hidden_layers
+    masked = cfg.packed_rows and cfg.attn != "flash_attention_2"
+    fwd = full if masked else full / 2
+    return fwd * (1 + 2.5 + (1 if cfg.grad_ckpt else 0))
+
+
+
+
+def activation_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Memory-bound elementwise traffic of one micro-batch: proportional to what the blocks
+    keep for backward per token (norms, activation functions, residual adds, rotary and
+    LoRA's adds all read and write tensors of that size), once per pass."""
+    per_token = _kept_per_token(model, cfg)
+    return per_token * _tokens(cfg) * model.num_hidden_layers * _passes(cfg)
+
+
+def _kept_per_token(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Bytes a block keeps per token without checkpointing: counted for the architecture
+    when it has counts (:mod:`.activations`), else the analytic coefficients."""
+    from qplan.planner.activations import counts_for, evaluate, figures
+
+    c = counts_for(model)
+    plain = cfg.with_(grad_ckpt=False, mlp_chunk=0, offload_activations=False,
+                      recompute_norms=False)
+    if c is not None:
+        f = figures(c, plain, packed=False, tiled=False,
+                    model_targets=tuple(model.target_names),
+                    resolved_targets=model.resolve_targets(cfg.lora_targets))
+        kind = next(iter(f.kept))
+        t = 4096
+        return max(0.0, evaluate(f.kept[kind], 1, t) / t)
+    from qplan.planner.memory import layer_activation_bytes_per_token
+
+    return layer_activation_bytes_per_token(model, plain)
+
+
+
+
+
+
+def transfer_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float:
+    """Bytes crossing PCIe in one micro-batch: each offloaded block input goes to the host
+    and comes back (pinned, on the compute stream), and CPU embeddings send the looked-up
+    rows (the lookup itself runs on the host)."""
+    b = 0.0
+    t = _tokens(cfg)
+    if cfg.offload_activations and cfg.grad_ckpt:
+        b += 2.0 * model.num_hidden_layers * t * model.hidden_size * 2
+    s = b / (C.PCIE_GBS * 1e9)
+    if cfg.embed_on_cpu and not model.tie_word_embeddings:
+        s += t * model.hidden_size * 2 / (C.CPU_EMBED_GBS * 1e9)
+    return s
+
+
+def optimizer_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float:
+    """The optimizer step and the runner's own work per optimizer step (gradient clipping,
+    the schedule, logging): a fixed part and 8-bit AdamW's pass over the LoRA parameters."""
+    from qplan.planner.memory import lora_param_count
+
+    n = lora_param_count(model, cfg)
+    return C.STEP_FIXED_S + n * C.OPTIMIZER_BYTES_PER_PARAM / (gpu.bandwidth_gbs * 1e9 * 0.5)
+
+
+def speed_uncertainty(gpu: GpuProfile) -> tuple[float, str]:
+    """How far a predicted tokens/s may be from the real one, and why."""
+    if gpu.name in C.SPEED_MEASURED_GPUS:
+        return C.SPEED_ERROR_MEASURED, "fitted to steady-state steps measured on this GPU model"
+    return C.SPEED_ERROR_SCALED, (
+        f"scaled from the {', '.join(C.SPEED_MEASURED_GPUS)} measurements by {gpu.name}'s "
+        "datasheet rates (tensor TFLOPS, memory bandwidth); fixed costs as measured there")
+
+
+def quantized_linears(model: ModelProfile) -> int:
+    """Weight matrices per block (each a bitsandbytes layer with its own launches)."""
+    return len(model.linear_shapes())
+
+
+def speed_features(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> dict[str, float]:
+    """One micro-batch's work in units a fitted coefficient turns into seconds: work over the
+    GPU's datasheet rate (seconds at 100% of it) for the rate-bound terms, counts for the
+    fixed costs. The coefficients (:data:`calibration.SPEED_COEFFICIENTS`) are fitted to
+    steps measured on the GPU machine by ``benchmarks/speed_fit.py``."""
+    tflops, bw = gpu.tflops_16bit * 1e12, gpu.bandwidth_gbs * 1e9
+    att = attention_flops(model, cfg) / tflops
     if cfg.attn == "eager":
-        micro *= C.EAGER_TIME_FACTOR
+        att /= C.EAGER_ATTENTION_EFFICIENCY
+    passes = _passes(cfg) * model.num_hidden_layers
+    return {
+        "matmul": matmul_flops(model, cfg) / tflops,
+        "head": head_flops(model, cfg) / tflops,
+        "dequant": dequant_bytes(model, cfg) / bw,
+        "attention": att,  # a masked kernel's work counts every product (no faster)
+        "activations": activation_bytes(model, cfg) / bw,
+        "linear_passes": float(passes * quantized_linears(model)),
+        "micro_batch": 1.0,
+    }
+
+
+def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Fixed costs not in the fit (too few measured points to separate them): tiled-MLP
+    chunks, from the initial per-chunk guess of :mod:`.calibration`."""
+    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
+        return C.CHUNK_S * -(-cfg.seq_len // cfg.mlp_chunk) * model.num_hidden_layers * 2
+    return 0.0
+
+
+def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
+                   coefficients: dict[str, float] | None = None) -> SpeedEstimate:
+    """Predicted throughput of ``cfg`` on ``gpu``: the fitted coefficients times the
+    micro-batch's features, plus transfers, times the accumulation, plus the optimizer."""
+    k = C.SPEED_COEFFICIENTS if coefficients is None else coefficients
+    f = speed_features(model, cfg, gpu)
+    part = {n: k.get(n, 0.0) * v for n, v in f.items()}
+    tr = transfer_s(model, cfg, gpu)
+    launch = part["linear_passes"] + part["micro_batch"] + _fixed_s(model, cfg)
+    micro = (part["matmul"] + part["head"] + part["dequant"] + part["attention"]
+             + part["activations"] + launch + tr)
     if cfg.lora_dropout > 0:
         micro *= C.DROPOUT_TIME_FACTOR
-    step = micro * cfg.grad_accum
-    return SpeedEstimate(tokens_per_s=cfg.batch_size * cfg.seq_len / micro, step_s=step,
-                         compute_s=compute_s, memory_s=memory_s)
+    if cfg.recompute_norms:
+        micro *= C.NORM_TIME_FACTOR
+    opt = optimizer_s(model, cfg, gpu)
+    step = micro * cfg.grad_accum + opt
+    a = cfg.grad_accum
+    terms = (("matmul", part["matmul"] * a), ("output layer", part["head"] * a), ("dequant", part["dequant"] * a),
+             ("attention", part["attention"] * a),
+             ("activations", part["activations"] * a), ("launch", launch * a),
+             ("transfer", tr * a), ("optimizer", opt))
+    err, basis = speed_uncertainty(gpu)
+    return SpeedEstimate(tokens_per_s=cfg.tokens_per_step / step, step_s=step,
+                         compute_s=part["matmul"] + part["head"] + part["attention"],
+                         memory_s=part["dequant"] + part["activations"], terms=terms,
+                         uncertainty=err, basis=basis)

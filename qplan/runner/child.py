@@ -143,12 +143,19 @@ def _trainer(spec, tok, model, optimizer, train_ds, eval_ds, ctx):
     return trainer
 
 
-def _speeds(ctx) -> tuple[float | None, float | None]:
-    """Tokens/s over the attempt's steps, and without its first (warm-up) step."""
-    def rate(steps):
-        t = sum(s for _, s in steps)
-        return round(sum(n for n, _ in steps) / t, 1) if steps and t > 0 else None
-    return rate(ctx.steps), rate(ctx.steps[1:])
+def _speeds(ctx, spec: P.AttemptSpec) -> tuple[float | None, float | None]:
+    """Tokens/s over the attempt's steps (the examples' tokens), and the steady state: every
+    row's tokens (padding included: what the GPU computes, what the speed model predicts) over
+    the median time of the steps after the first two (warm-up)."""
+    import statistics
+
+    t = sum(s for _, s in ctx.steps)
+    speed = round(sum(n for n, _ in ctx.steps) / t, 1) if ctx.steps and t > 0 else None
+    late = [s for _, s in ctx.steps[2:]] or [s for _, s in ctx.steps[1:]]
+    cfg = spec.settings
+    steady = (round(cfg.tokens_per_step / statistics.median(late), 1)
+              if late and statistics.median(late) > 0 else None)
+    return speed, steady
 
 
 def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
@@ -173,7 +180,7 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
         oom = _train(trainer, spec, progress)
     status, extra = _ending(trainer, ctx, model, oom, fp)
     monitor.stop()
-    speed, steady = _speeds(ctx)
+    speed, steady = _speeds(ctx, spec)
     step = trainer.state.global_step
     return P.AttemptResult(
         status=status, global_step=step, start_step=ctx.start_step, steps_done=len(ctx.steps),

@@ -20,17 +20,27 @@ from typing import Any
 from qplan.planner.activations import shape_of
 from qplan.planner.config import TrainConfig
 
-COUNT_VERSION = 1
+COUNT_VERSION = 2
 # (batch, seq) of the dry runs: two batches and three lengths separate T, T*s and b.
-# (batch, seq) of the dry runs: they span the sizes plans use (fake tensors cost nothing per
-# token, but Python does per chunk of a tiled MLP), so the fits are not extrapolated far.
-# Every count has more than 512 tokens (bitsandbytes dequantizes its weights into a buffer
-# from there on) and a tiled MLP count has sequences longer than its chunk.
+# (batch, seq) of the dry runs. The fits are made on the first sizes and must hold on all of
+# them (the constant is raised until no measured point is above the fit): peaks are maxima
+# over the moments of a step, so only piecewise linear in the sizes, and a tiled MLP's
+# backward changes which moment is the peak as sequences grow. Tiled regimes are fitted where
+# tiling is used (long sequences) and checked down to short ones. Every count has more than
+# 512 tokens (bitsandbytes dequantizes its weights into a buffer from there on), and a tiled
+# one sequences longer than its chunk.
 SIZES = ((1, 4096), (1, 16384), (2, 8192), (4, 4096), (1, 32768))
-TILED_SIZES = ((1, 4096), (1, 8192), (2, 4096), (4, 4096), (1, 16384))
+CHECK_SIZES = ((1, 131072), (8, 2048))
+TILED_SIZES = ((1, 16384), (1, 65536), (2, 32768), (4, 16384), (1, 131072))
+TILED_CHECK_SIZES = ((1, 4096), (2, 4096), (8, 8192), (1, 32768), (16, 4096))
 # The tiled regimes run the MLP in chunks of this many tokens (the search's chunk).
 COUNT_MLP_CHUNK = 2048
 COUNT_VOCAB = 1024
+# The fused loss of the counts takes 1024 rows a chunk of the 1024-token vocabulary: its
+# logits (about 12 MiB with their gradient) are small here and the model's own vocabulary's
+# come from the per-logit figures (count_loss). (Fewer, larger chunks keep a dry run fast:
+# the fake-tensor dispatch costs per operation.)
+COUNT_LOSS_CHUNK = 1024 * COUNT_VOCAB
 COUNT_RANK = 16
 # Sliding-window layers are counted with a window longer than every counted length; the
 # planner treats a sequence beyond the real window like a packed one (a mask, see there).
@@ -72,7 +82,8 @@ class Regime:
             lora_alpha=2 * COUNT_RANK, lora_targets=targets,
             lora_dropout=0.1 if self.variant == "dropout" else 0.0,
             grad_ckpt=self.grad_ckpt, prepare="kbit" if self.variant == "kbit" else "lean",
-            loss="fused", attn="eager" if self.variant == "eager" else "sdpa",
+            loss="fused", loss_chunk=COUNT_LOSS_CHUNK,
+            attn="eager" if self.variant == "eager" else "sdpa",
             quant="none" if self.variant == "lora16" else "nf4",
             recompute_norms=self.recompute_norms, offload_activations=self.offload,
             mlp_chunk=COUNT_MLP_CHUNK if self.tiled else 0, packed_rows=self.packed)
@@ -108,18 +119,66 @@ def counting_config(config: dict[str, Any], layer_types: list[str] | None) -> di
     return d
 
 
-def _fit(rows: list[tuple[list[float], float]]) -> tuple[list[float], float]:
-    """Least squares of y on features, then the constant raised until no measured point is
-    above the fit (peaks are maxima over moments, only piecewise linear in the sizes: the
-    fit is an upper envelope). Returns (coefficients, largest |residual| in bytes)."""
+def _fit(rows: list[tuple[list[float], float]], n_fit: int | None = None
+         ) -> tuple[list[float], float]:
+    """Least squares of y on features over the first ``n_fit`` rows (all by default), then
+    the constant raised until no row is above the fit: an upper envelope of every measured
+    point. Returns (coefficients, largest |residual| in bytes, over every row)."""
     import numpy as np
 
     x = np.array([r[0] for r in rows], dtype=float)
     y = np.array([r[1] for r in rows], dtype=float)
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    n = n_fit or len(rows)
+    coef, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
     resid = y - x @ coef
     coef[-1] += max(0.0, float(resid.max()))
     return [round(float(c), 4) for c in coef], float(np.abs(resid).max())
+
+
+def _fit_pieces(rows: list[tuple[list[float], float]], max_pieces: int = 3,
+                tolerance: float = 0.005) -> tuple[list[list[float]], float]:
+    """The upper envelope of the rows as the largest of at most ``max_pieces`` linear
+    pieces (a block's backward peaks at different moments as sizes grow: which one is the
+    peak changes, each moment's memory is linear in the sizes). One piece if it fits every
+    row within ``tolerance`` of the largest value; else pieces found by alternating between
+    fitting each piece on its rows and giving each row to the piece that is largest there,
+    from several first splits (by tokens, by length, by batch), keeping the pieces whose
+    envelope, raised to lie above every row, overshoots least. Returns (pieces, largest
+    overshoot of the envelope in bytes)."""
+    import numpy as np
+
+    x = np.array([r[0] for r in rows], dtype=float)
+    y = np.array([r[1] for r in rows], dtype=float)
+    scale = max(float(np.abs(y).max()), 1.0)
+
+    def lsq(idx):
+        c, *_ = np.linalg.lstsq(x[idx], y[idx], rcond=None)
+        return c
+
+    def spread(pieces):  # the overshoot once the envelope is raised above every row
+        res = y - np.max(np.stack([x @ c for c in pieces]), axis=0)
+        return float(res.max() - res.min()), float(res.max())
+
+    best = [lsq(np.arange(len(y)))]
+    keys = [x[:, 0], x[:, 1], x[:, 2]] + ([x[:, 3]] if x.shape[1] == 5 else [])
+    for k in range(2, max_pieces + 1):
+        if spread(best)[0] <= tolerance * scale:
+            break
+        for key in keys:
+            order = np.argsort(key, kind="stable")
+            pieces = [lsq(g) for g in np.array_split(order, k)]
+            for _ in range(30):
+                assign = np.argmax(np.stack([x @ c for c in pieces]), axis=0)
+                new = [lsq(np.where(assign == j)[0]) if (assign == j).any() else pieces[j]
+                       for j in range(k)]
+                if all(np.allclose(a, b, rtol=1e-9, atol=1e-6) for a, b in zip(new, pieces)):
+                    break
+                pieces = new
+            if spread(pieces)[0] < spread(best)[0]:
+                best = pieces
+    over, raise_by = spread(best)
+    best = [np.concatenate([c[:-1], [c[-1] + max(0.0, raise_by)]]) for c in best]
+    return [[round(float(v), 4) for v in c] for c in best], over
 
 
 def _features(b: int, s: int, tiled: bool) -> list[float]:
@@ -147,9 +206,16 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
 
     small = counting_config(config, layer_types)
     cfg = regime.config(profile)
+    if sizes:
+        fit_sizes, check = tuple(sizes), ()
+    else:
+        fit_sizes = TILED_SIZES if regime.tiled else SIZES
+        check = TILED_CHECK_SIZES if regime.tiled else CHECK_SIZES
+    all_sizes = [(b, s) for b, s in (*fit_sizes, *check)
+                 if not regime.tiled or s > COUNT_MLP_CHUNK]
+    n_fit = sum(1 for b, s in fit_sizes if not regime.tiled or s > COUNT_MLP_CHUNK)
     with DryRun(small, cfg, packed=regime.packed, device=device, model_dir=model_dir) as dr:
-        traces = [dr.trace(b, s) for b, s in (sizes or (TILED_SIZES if regime.tiled else SIZES))
-                  if not regime.tiled or s > COUNT_MLP_CHUNK]
+        traces = [dr.trace(b, s) for b, s in all_sizes]
     tiled = regime.tiled
     out: dict[str, Any] = {}
     worst = 0.0
@@ -157,7 +223,7 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
     def fit(name, values, tiled_feature=False):
         nonlocal worst
         coef, resid = _fit([(_features(t.batch, t.seq, tiled_feature), v)
-                            for t, v in zip(traces, values)])
+                            for t, v in zip(traces, values)], n_fit)
         worst = max(worst, resid)
         out[name] = coef
 
@@ -169,12 +235,24 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
     kinds = [b.layer_type for b in traces[0].blocks[1:]]
     out["kept"] = {}
     out["backward"] = {}
+    if tiled:
+        out["backward_mlp"] = {}
     for i, kind in enumerate(kinds, start=1):
-        coef, r1 = _fit([(_features(t.batch, t.seq, False), t.blocks[i].kept) for t in traces])
+        coef, r1 = _fit([(_features(t.batch, t.seq, False), t.blocks[i].kept) for t in traces],
+                        n_fit)
         out["kept"][kind] = coef
-        coef, r2 = _fit([(_features(t.batch, t.seq, tiled), t.blocks[i].backward) for t in traces])
-        out["backward"][kind] = coef
+        # a block's backward outside its tiled MLP grows with the tokens, inside with the
+        # batch too (one chunk of every row); within each, the moment that peaks changes
+        # with the sizes: each is the largest of a few linear pieces (fitted on every size)
+        pieces, r2 = _fit_pieces([(_features(t.batch, t.seq, False), t.blocks[i].backward)
+                                  for t in traces])
+        out["backward"][kind] = pieces
         worst = max(worst, r1, r2)
+        if tiled:
+            pieces, r3 = _fit_pieces([(_features(t.batch, t.seq, True), t.blocks[i].backward_mlp)
+                                      for t in traces])
+            out["backward_mlp"][kind] = pieces
+            worst = max(worst, r3)
     out["max_residual_bytes"] = round(worst)
     if raw:
         out["traces"] = [{"batch": t.batch, "seq": t.seq, "prelude": t.prelude, "head": t.head,

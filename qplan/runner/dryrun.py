@@ -42,6 +42,7 @@ class BlockTrace:
     layer_type: str  # "full_attention", "sliding_attention", ... (config.layer_types)
     kept: int  # growth of live memory over the block's forward (what it keeps, net)
     backward: int  # peak of its backward pass above the live memory when it began
+    backward_mlp: int = 0  # the same, inside its tiled MLP's backward (0: not tiled)
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,12 @@ def _tracker_class():
         def __init__(self):
             super().__init__()
             self.live = 0
-            self.peak = 0  # since the last reset_peak()
+            self.peak = 0  # since the last reset_peak(), outside any phase
+            self.phase_peak = 0  # since the last reset_peak(), inside a phase
             self.max_peak = 0  # since the start
             self._seen: dict[int, int] = {}
             self.paused = 0
+            self.in_phase = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -108,7 +111,9 @@ def _tracker_class():
             weakref.finalize(st, self._free, key)
 
         def _high(self, value: int) -> None:
-            if value > self.peak:
+            if self.in_phase:
+                self.phase_peak = max(self.phase_peak, value)
+            elif value > self.peak:
                 self.peak = value
             if value > self.max_peak:
                 self.max_peak = value
@@ -118,7 +123,19 @@ def _tracker_class():
 
         def reset_peak(self) -> int:
             self.peak = self.live
+            self.phase_peak = 0
             return self.live
+
+        @contextlib.contextmanager
+        def phase(self):
+            """Peaks inside are kept apart (``phase_peak``): a tiled MLP's backward, whose
+            peak grows with the batch (one chunk of every row) while the rest of a block's
+            backward grows with the tokens: two linear pieces, fitted each on its own."""
+            self.in_phase += 1
+            try:
+                yield
+            finally:
+                self.in_phase -= 1
 
     return LiveBytes
 
@@ -220,6 +237,17 @@ def _host_stash(hidden, pool):
             _TRACKERS[-1].paused -= 1
 
 
+def _phased(backward):
+    """A Function's backward whose memory the trace in progress keeps apart."""
+    def wrapped(ctx, *grads):
+        t = _TRACKERS[-1] if _TRACKERS else None
+        if t is None or not hasattr(t, "phase"):
+            return backward(ctx, *grads)
+        with t.phase():
+            return backward(ctx, *grads)
+    return wrapped
+
+
 def _cuda_dropout(input, p=0.5, training=True, inplace=False):
     """CUDA's fused dropout keeps a boolean mask for backward; the CPU kernel would keep a
     16-bit noise tensor instead."""
@@ -314,6 +342,8 @@ def gpu_emulation(packed: bool) -> Iterator[None]:
     patch(lowmem, "_stash", _host_stash)
     patch(lowmem, "_unstash", lambda ctx: ctx.host.clone())
     patch(F, "dropout", _cuda_dropout)
+    mlp_fn = lowmem._cls("mlp", lowmem._build_tiled_mlp)
+    patch(mlp_fn, "backward", staticmethod(_phased(mlp_fn.backward)))
     find = masking_utils.find_packed_sequence_indices
     patch(masking_utils, "find_packed_sequence_indices",
           lambda position_ids: find(position_ids) if packed else None)
@@ -395,6 +425,7 @@ class _Recorder:
         self.pre = [None] * (self.n + 1)  # live memory entering block k (n: the final norm)
         self.bwd_start = [None] * self.n  # live memory when block k's backward begins
         self.bwd_peak = [0] * self.n
+        self.bwd_mlp = [0] * self.n
         self.active = None  # block whose backward is running
         self.loss_peak = None  # peak from the forward's end to the first block backward
         self.backward = False
@@ -433,6 +464,9 @@ class _Recorder:
         if self.active is not None:
             k = self.active
             self.bwd_peak[k] = max(self.bwd_peak[k], self.t.peak - self.bwd_start[k])
+            ph = getattr(self.t, "phase_peak", 0)
+            if ph:
+                self.bwd_mlp[k] = max(self.bwd_mlp[k], ph - self.bwd_start[k])
             self.active = None
 
     def finish(self) -> None:
@@ -597,7 +631,7 @@ class DryRun:
         if pre[rec.n] is None:
             pre[rec.n] = end_forward
         types = _layer_types(base.config, rec.n)
-        blocks = tuple(BlockTrace(types[k], pre[k + 1] - pre[k], rec.bwd_peak[k])
+        blocks = tuple(BlockTrace(types[k], pre[k + 1] - pre[k], rec.bwd_peak[k], rec.bwd_mlp[k])
                        for k in range(rec.n))
         last = rec.bwd_start[rec.n - 1]
         return StepTrace(batch=batch, seq=seq, prelude=pre[0] - start, blocks=blocks,

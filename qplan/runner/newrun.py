@@ -202,7 +202,8 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
         notes += [note] if note else []
     setup = planning.choose(model_ref=model.name, profile=model.profile, plan_file=req.plan,
                             overrides=dict(req.overrides), effective_batch=req.effective_batch,
-                            gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm)
+                            gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm,
+                            use_calibration=req.use_calibration)
     cfg = setup.plan.config
     offline = _go_offline(model.local)
     if offline:

@@ -44,13 +44,17 @@ def detect_cuda(pm=None) -> tuple[str | None, Any]:
 
 
 def simulation(gpu: GpuProfile) -> Simulation:
-    """The allocator cap that makes a big GPU look like ``gpu``: the card's memory less the
-    CUDA context the planner assumes for it (what the card leaves to PyTorch)."""
-    from qplan.planner.memory import cuda_context
+    """The allocator cap that makes a big GPU look like ``gpu``: what that card leaves to
+    PyTorch: its memory less the CUDA context, the libraries' workspaces (both outside
+    PyTorch's allocator) and what the display and other programs hold on a card of its kind
+    (the planner's default reserve)."""
+    from qplan.planner.memory import cuda_context, libraries
+    from qplan.planner.search import default_reserve_bytes
 
     ctx = cuda_context(gpu)
+    cap = gpu.memory_bytes - ctx - libraries(gpu) - default_reserve_bytes(gpu)
     return Simulation(name=gpu.name, card_bytes=gpu.memory_bytes, context_bytes=ctx,
-                      cap_bytes=gpu.memory_bytes - ctx)
+                      cap_bytes=cap)
 
 
 def _cpu_settings(cfg: TrainConfig, notes: list[str]) -> TrainConfig:
@@ -118,7 +122,7 @@ def _from_plan_file(plan_file: str, profile: ModelProfile, gpu: GpuProfile, devi
 
 def _searched(profile: ModelProfile, gpu: GpuProfile, device: str, overrides: dict[str, Any],
               effective_batch: int | None, flash: bool, model_ref: str, notes: list[str],
-              pm=None) -> Plan:
+              pm=None, use_calibration: bool = True) -> Plan:
     """The planner's choice for ``gpu`` with ``overrides`` held fixed."""
     api.check_fixed(profile, overrides)
     fixed = dict(overrides)
@@ -130,11 +134,13 @@ def _searched(profile: ModelProfile, gpu: GpuProfile, device: str, overrides: di
     if device == "cpu" and fixed.get("attn") == "flash_attention_2":
         fixed["attn"] = "sdpa"
     plan = api.suggest(profile, gpu, seq_len=seq, target_effective_batch=target, fixed=fixed,
-                       flash_attn_available=flash, model_ref=model_ref, pm=pm)
+                       flash_attn_available=flash, model_ref=model_ref, pm=pm,
+                       use_calibration=use_calibration)
     cfg = plan.config
     if device == "cpu":
         cfg = _cpu_settings(cfg, notes)
-        plan = api.make_plan(profile, gpu, cfg, target=target, model_ref=model_ref, pm=pm)
+        plan = api.make_plan(profile, gpu, cfg, target=target, model_ref=model_ref, pm=pm,
+                             use_calibration=use_calibration)
     if cfg.effective_batch != target:
         notes.append(f"effective batch {cfg.effective_batch} (asked {target}: not a multiple "
                      f"of the per-device batch {cfg.batch_size})")
@@ -143,7 +149,7 @@ def _searched(profile: ModelProfile, gpu: GpuProfile, device: str, overrides: di
 
 def choose(*, model_ref: str, profile: ModelProfile, plan_file: str | None,
            overrides: dict[str, Any], effective_batch: int | None, gpu_name: str | None,
-           simulate_gpu: str | None, cpu: bool, pm=None) -> Setup:
+           simulate_gpu: str | None, cpu: bool, pm=None, use_calibration: bool = True) -> Setup:
     """The starting plan: ``plan_file`` with ``overrides`` applied, or the planner's choice
     for the GPU (detected, named, or simulated) with ``overrides`` held fixed."""
     notes: list[str] = []
@@ -161,7 +167,7 @@ def choose(*, model_ref: str, profile: ModelProfile, plan_file: str | None,
     else:
         flash = bool(detected is not None and _has_flash_attn())
         plan = _searched(profile, gpu, device, overrides, effective_batch, flash, model_ref,
-                         notes, pm)
+                         notes, pm, use_calibration)
     return Setup(plan=plan, gpu=gpu, device=device,
                  device_name=detected.name if detected is not None else "CPU",
                  simulate=simulation(gpu) if simulate_gpu else None, notes=notes)

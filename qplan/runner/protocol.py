@@ -121,6 +121,7 @@ class AttemptSpec:
     # for the report (the child does not read them)
     change: Reason | None = None  # what changed from the previous attempt, and why
     estimated_peak_gib: float | None = None
+    predicted_tokens_per_s: float | None = None
     protocol: int = VERSION
 
 
@@ -135,7 +136,7 @@ class AttemptResult:
     tokens: int = 0
     train_seconds: float = 0.0
     tokens_per_s: float | None = None  # over every step of the attempt
-    steady_tokens_per_s: float | None = None  # without the attempt's first step (warm-up)
+    steady_tokens_per_s: float | None = None  # rows x seq over the median late step
     evals: list[EvalRecord] = field(default_factory=list)
     measured: Measured | None = None
     error: str | None = None

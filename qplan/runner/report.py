@@ -52,6 +52,7 @@ def attempt_report(rec: AttemptRecord) -> AttemptReport:
         resumed_from=spec.resumed_from, estimated_peak_gib=spec.estimated_peak_gib,
         measured=res.measured if res else None, tokens_per_s=res.tokens_per_s if res else None,
         steady_tokens_per_s=res.steady_tokens_per_s if res else None,
+        predicted_tokens_per_s=spec.predicted_tokens_per_s,
         steps_done=len([s for s in rec.steps if s.step > spec.resumed_from]),
         last_step=outcome.last_step(rec), ended=outcome.ending(rec), error=outcome.error_of(rec),
         oom_phase=res.oom_phase if res else None, oom_step=res.oom_step if res else None,
@@ -140,13 +141,16 @@ def _head(r: RunReport) -> list[str]:
 
 def summary_text(r: RunReport) -> str:
     lines = _head(r) + [
-        "", "| attempt | settings | estimated peak | measured peak | tokens/s | steps | ended |",
-        "|---|---|---|---|---|---|---|"]
+        "", "| attempt | settings | estimated peak | measured peak | tokens/s | steady tokens/s "
+        "(predicted) | steps | ended |", "|---|---|---|---|---|---|---|---|"]
     for a in r.attempts:
         steps = f"{a.resumed_from + 1}-{a.last_step}" if a.last_step > a.resumed_from else "none"
         tps = f"{a.tokens_per_s:,.0f}" if a.tokens_per_s else "n/a"
+        steady = f"{a.steady_tokens_per_s:,.0f}" if a.steady_tokens_per_s else "n/a"
+        if a.predicted_tokens_per_s:
+            steady += f" ({a.predicted_tokens_per_s:,.0f})"
         lines.append(f"| {a.attempt} | {_settings(a.settings)} | {_gib(a.estimated_peak_gib)} | "
-                     f"{_measured(a.measured)} | {tps} | {steps} | {_ended(a)} |")
+                     f"{_measured(a.measured)} | {tps} | {steady} | {steps} | {_ended(a)} |")
     changes = [(a.attempt, a.change) for a in r.attempts if a.change]
     if changes:
         lines += ["", "Changes after out-of-memory errors:"]

@@ -28,6 +28,7 @@ Output folder::
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import time
@@ -148,6 +149,7 @@ def _supervise(r: Run) -> RunReport:
     for _ in range(r.req.max_attempts):
         spec = _next_spec(r, history)
         history.append(_attempt(r, spec))
+        _calibrate(r, history[-1])
         done = len(counted_steps(r.dir, history)[0])
         verdict = outcome.judge(history, r.dir, done, r.state.total_steps)
         if verdict.status is not None:
@@ -160,11 +162,38 @@ def _supervise(r: Run) -> RunReport:
                    f"out of memory. Continue with more: qplan run --resume {r.dir} --max-attempts N")
 
 
-def _estimate(r: Run, cfg: TrainConfig) -> float | None:
+def _estimate(r: Run, cfg: TrainConfig):
+    """The planner's estimate of ``cfg`` (None when it cannot make one)."""
     try:
-        return round(api.estimate(r.profile, r.gpu, cfg, pm=r.pm).memory.peak_gib, 3)
+        return api.estimate(r.profile, r.gpu, cfg, pm=r.pm, use_calibration=r.req.use_calibration)
     except QplanError:
         return None
+
+
+def _calibrate(r: Run, rec: rundir.AttemptRecord) -> None:
+    """Add what the attempt measured to this machine's calibration store (qplan calibrate):
+    later plans for this GPU, architecture and regime are corrected by it. Only attempts
+    measured on a GPU; never with --no-calibration or QPLAN_NO_CALIBRATION=1."""
+    from qplan.planner import store
+
+    res = rec.result
+    if not r.req.use_calibration or store.disabled() or res is None or res.measured is None:
+        return
+    est = _estimate(r, rec.spec.settings)
+    if est is None:
+        return
+    entry = store.attempt_record(
+        gpu=r.gpu.name, model=r.profile, memory=est.memory, speed=est.speed,
+        measured=dataclasses.asdict(res.measured),
+        steady_tokens_per_s=res.steady_tokens_per_s if res.status == "ok" else None,
+        simulated=res.simulate is not None)
+    if entry is None:
+        return
+    entry["status"] = res.status
+    try:
+        store.Store().add(entry)
+    except OSError as e:  # a read-only home must not fail the run
+        r.notify(f"could not write the calibration store ({e}); continuing without it")
 
 
 def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
@@ -182,6 +211,7 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
     n = rundir.next_attempt_number(r.dir)
     adir = rundir.attempt_dir(r.dir, n)
     s, q = r.state, r.req
+    est = _estimate(r, r.cfg)
     return P.AttemptSpec(
         attempt=n, run_dir=str(r.dir.resolve()), attempt_dir=str(adir.resolve()),
         model_path=s.model_path, model_ref=s.model_ref, settings=r.cfg,
@@ -191,7 +221,10 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
         resume_from=str(last.resolve()) if last else None,
         resumed_from=CK.step_of(last) if last else 0, load_optimizer=load_opt, device=s.device,
         progress=q.progress, simulate=s.simulate, change=s.next_change,
-        estimated_peak_gib=_estimate(r, r.cfg))
+        estimated_peak_gib=round(est.memory.peak_gib, 3) if est else None,
+        # the speed model predicts a GPU: none on CPU
+        predicted_tokens_per_s=(round(est.speed.tokens_per_s, 1)
+                                if est and s.device == "cuda" else None))
 
 
 def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[str, str]:

@@ -58,6 +58,7 @@ class RunRequest:
     cpu: bool = False
     resume: str | None = None
     progress: bool = True
+    use_calibration: bool = True  # --calibration/--no-calibration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +113,7 @@ class AttemptReport:
     measured: Measured | None = None
     tokens_per_s: float | None = None
     steady_tokens_per_s: float | None = None  # without the attempt's first (warm-up) step
+    predicted_tokens_per_s: float | None = None  # the speed model, for the GPU planned for
     steps_done: int = 0  # optimizer steps this attempt completed
     last_step: int = 0  # the run's step count when it ended
     ended: str = ""  # ok / oom / killed / interrupted / error

@@ -1,0 +1,118 @@
+"""End to end, as a user would, on models and cards the memory model was not measured on.
+
+For each case: a random-weight model with the catalogue model's full shape (every block: the
+question is whether the plan fits the card), saved in bf16 with the tests' word-level
+tokenizer; ``qplan suggest --model <catalogue name> --gpu CARD --seq S --save plan.yaml``
+(or ``--longest``); then ``qplan run --plan plan.yaml --model <dir> --simulate-gpu CARD``
+for a few steps, on data that fills every row (``unpacked``: one long example a row, the
+worst rows) or many short examples a row (``packed``). Writes one JSON line per case: the
+plan, the run's status, estimated against measured memory, PyTorch's cap.
+
+    python benchmarks/e2e_unmeasured.py --out "$OUT/e2e.jsonl" [--jobs 3]   # GPU machine
+    python benchmarks/e2e_unmeasured.py --cpu-dry-run --out /tmp/e2e.jsonl   # plumbing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+from memory_grid import build_model, write_data  # noqa: E402
+
+# (catalogue model, card, seq or "longest", data kind)
+CASES = [
+    ("mistral-7b", "rtx-4060-ti-16gb", 4096, "packed"),
+    ("gemma-2-9b", "rtx-4090", 8192, "unpacked"),
+    ("qwen3-0.6b", "rtx-3060", "longest", "unpacked"),
+]
+
+
+def qplan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           "QPLAN_NO_CALIBRATION": "1"}
+    return subprocess.run([sys.executable, "-m", "qplan", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: bool) -> dict:
+    d = work / f"{model}-{card}"
+    d.mkdir(parents=True)
+    rec: dict = {"model": model, "card": card, "seq": seq, "data": kind}
+    t0 = time.time()
+    mdir = d / "model"
+    build_model(model, 2 if cpu else None, mdir, "cpu" if cpu else "cuda")
+    # the catalogue name, as a user would (on CPU the model is cut to 2 blocks: its folder)
+    sug = ["suggest", "--model", str(mdir) if cpu else model, "--gpu", card, "--save", str(d / "plan.yaml"), "--json"]
+    sug += ["--longest"] if seq == "longest" else ["--seq", str(seq)]
+    p = qplan(*sug, cwd=d)
+    if p.returncode:
+        rec.update(status="suggest failed", stderr=p.stderr[-1500:])
+        return rec
+    plan = json.loads(p.stdout)
+    cfg = plan["settings"]
+    rec["plan"] = cfg
+    rec["estimate"] = {k: plan.get(k) for k in ("peak_gib", "band_gib", "usable_gib", "breakdown",
+                                                  "basis", "tokens_per_s")}
+    s = 128 if cpu else cfg["seq_len"]
+    data = write_data(d / "data.jsonl", kind, s, rows=cfg["batch_size"] * cfg["grad_accum"] * (steps + 1))
+    run = ["run", "--plan", str(d / "plan.yaml"), "--model", str(mdir), "--data", str(data),
+           "--max-steps", str(steps), "--save-steps", "1000", "--max-attempts", "1",
+           "--output", str(d / "run"), "--quiet", "--json"]
+    run += ["--cpu", "--seq", "128", "--batch", "1"] if cpu else ["--simulate-gpu", card]
+    p = qplan(*run, cwd=d)
+    rec["exit_code"] = p.returncode
+    rep = d / "run" / "report.json"
+    if rep.exists():
+        r = json.loads(rep.read_text())
+        a = r["attempts"][-1] if r.get("attempts") else {}
+        rec.update(status=r.get("status"), ended=a.get("ended"), error=a.get("error"),
+                   estimated_peak_gib=a.get("estimated_peak_gib"), measured=a.get("measured"),
+                   steady_tokens_per_s=a.get("steady_tokens_per_s"),
+                   predicted_tokens_per_s=a.get("predicted_tokens_per_s"),
+                   simulate=r.get("simulate") or a.get("simulate"), notes=r.get("notes"))
+    else:
+        rec.update(status="no report", stderr=p.stderr[-2000:], stdout=p.stdout[-2000:])
+    rec["wall_s"] = round(time.time() - t0, 1)
+    shutil.rmtree(d, ignore_errors=True)  # the model's weights: disk is short
+    return rec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--jobs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--only", help="comma-separated model names of CASES")
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    args = ap.parse_args()
+    cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="qplan-e2e-"))
+
+    def go(c):
+        try:
+            rec = case(*c, work, 2 if args.cpu_dry_run else args.steps, args.cpu_dry_run)
+        except Exception as e:  # one case's failure is a result, not the end of the others
+            rec = {"model": c[0], "card": c[1], "status": "script error", "error": repr(e)}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{c[0]} @ {c[1]}: {rec.get('status')} est {rec.get('estimated_peak_gib')} "
+              f"measured {rec.get('measured')}", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as ex:
+        list(ex.map(go, cases))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
