@@ -73,7 +73,10 @@ def measured_gib(d: dict, model, cfg: TrainConfig) -> float:
 
 def load_records(paths=None) -> list[dict]:
     out = []
-    for p in paths or sorted(x for x in RAW.glob("*.jsonl") if not x.name.startswith("h200_runner_grid")):
+    # the runner grid has its own report (grid_report.py); the speed grid reuses one loaded
+    # model for several configurations (its memory figures are not per-configuration peaks)
+    skip = ("h200_runner_grid", "h200_speed_grid")
+    for p in paths or sorted(x for x in RAW.glob("*.jsonl") if not x.name.startswith(skip)):
         for line in open(p):
             d = json.loads(line)
             if d.get("status", "ok") != "ok":

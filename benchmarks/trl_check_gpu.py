@@ -30,6 +30,7 @@ Plumbing check on a CPU (a tiny model, no NVML):  python benchmarks/trl_check_gp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -168,10 +169,12 @@ def train(config: Path, data: Path, out: Path, steps: int, cpu: bool) -> dict:
     train_s = time.time() - t1
     monitor.stop()
     mem = monitor.report()
+    if dataclasses.is_dataclass(mem):
+        mem = dataclasses.asdict(mem)
     lengths = [len(x) for x in trainer.train_dataset["input_ids"][:8]]
     return {"memory": mem, "steps": trainer.state.global_step, "load_s": round(load_s, 1),
             "train_s": round(train_s, 1), "example_lengths": lengths,
-            "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h],
+            "losses": [round(float(h["loss"]), 4) for h in trainer.state.log_history if "loss" in h],
             "device": "cuda" if cuda else "cpu"}
 
 

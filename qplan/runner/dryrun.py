@@ -379,6 +379,8 @@ def build_fake_model(config: dict[str, Any], cfg: TrainConfig, fake_mode):
 
     weights = {n: m.weight for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    biases = {n: m.bias for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in n and m.bias is not None}
     model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
                                     quantization_config=q)
     with fake_mode:
@@ -396,8 +398,9 @@ def build_fake_model(config: dict[str, Any], cfg: TrainConfig, fake_mode):
             del mod._parameters["weight"]
             mod.weight = packed
             mod.quant_state = state
-            if mod.bias is not None:
-                mod.bias.requires_grad_(False)
+            if mod.bias is not None:  # the model's own (fake) bias, not the new module's
+                mod.bias = torch.nn.Parameter(biases[name].detach().to(torch_dtype(cfg)),
+                                              requires_grad=False)
     model.is_loaded_in_4bit = True
     return model
 
