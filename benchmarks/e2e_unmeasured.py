@@ -32,7 +32,7 @@ from memory_grid import build_model, write_data  # noqa: E402
 # (catalogue model, card, seq or "longest", data kind)
 CASES = [
     ("mistral-7b", "rtx-4060-ti-16gb", 4096, "packed"),
-    ("gemma-2-9b", "rtx-4090", 8192, "unpacked"),
+    ("gemma-2-9b", "rtx-4090", 8192, "packed"),
     ("qwen3-0.6b", "rtx-3060", "longest", "unpacked"),
 ]
 
@@ -44,7 +44,8 @@ def qplan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1200)
 
 
-def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: bool) -> dict:
+def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: bool,
+         accum: int | None = None) -> dict:
     d = work / f"{model}-{card}"
     d.mkdir(parents=True)
     rec: dict = {"model": model, "card": card, "seq": seq, "data": kind}
@@ -64,11 +65,15 @@ def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: boo
     rec["estimate"] = {k: plan.get(k) for k in ("peak_gib", "band_gib", "usable_gib", "breakdown",
                                                   "basis", "tokens_per_s")}
     s = 128 if cpu else cfg["seq_len"]
-    data = write_data(d / "data.jsonl", kind, s, rows=cfg["batch_size"] * cfg["grad_accum"] * (steps + 1))
+    rows = cfg["batch_size"] * (accum or cfg["grad_accum"]) * (steps + 1)
+    data = write_data(d / "data.jsonl", kind, s, rows=rows)
     run = ["run", "--plan", str(d / "plan.yaml"), "--model", str(mdir), "--data", str(data),
            "--max-steps", str(steps), "--save-steps", "1000", "--max-attempts", "1",
            "--output", str(d / "run"), "--quiet", "--json"]
     run += ["--cpu", "--seq", "128", "--batch", "1"] if cpu else ["--simulate-gpu", card]
+    if accum:  # a micro-batch's memory does not depend on the accumulation: fewer, for time
+        run += ["--grad-accum", str(accum)]
+    rec["grad_accum_run"] = accum or cfg["grad_accum"]
     p = qplan(*run, cwd=d)
     rec["exit_code"] = p.returncode
     rep = d / "run" / "report.json"
@@ -87,20 +92,57 @@ def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: boo
     return rec
 
 
+def report(paths: list[Path]) -> str:
+    """A table of committed e2e results (``results/raw/h200_e2e*.jsonl``)."""
+    lines = ["# End to end on unmeasured model/card pairs (H200, `--simulate-gpu`)", "",
+             "Made by `python benchmarks/e2e_unmeasured.py --report` from "
+             + ", ".join(f"`{p.relative_to(ROOT)}`" for p in paths) + ". Each case: `qplan "
+             "suggest --model NAME --gpu CARD --save plan.yaml`, then `qplan run --plan plan.yaml "
+             "--model DIR --simulate-gpu CARD` (DIR: random weights of the full model) for 3 "
+             "optimizer steps; measured = the training process's NVML peak. PyTorch's cap = "
+             "the card less the CUDA context, the libraries and the card's reserve.", "",
+             "| file | model | card | plan | data | status | estimate GiB (+band) | measured GiB | "
+             "estimate error | steady tok/s (H200) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        for line in p.read_text().splitlines():
+            r = json.loads(line)
+            c, est, m = r.get("plan") or {}, r.get("estimate") or {}, r.get("measured") or {}
+            plan = (f"{c.get('seq_len')} x {c.get('batch_size')}, ckpt {'on' if c.get('grad_ckpt') else 'off'}"
+                    + (", offload" if c.get("offload_activations") else "")
+                    + (f", mlp chunk {c['mlp_chunk']}" if c.get("mlp_chunk") else "")
+                    + (", norms" if c.get("recompute_norms") else "")) if c else ""
+            nv = m.get("nvml_peak_gib")
+            e = est.get("peak_gib")
+            err = f"{(e - nv) / nv * 100:+.1f}%" if nv and e else "n/a"
+            lines.append(f"| {p.name} | {r['model']} | {r['card']} | {plan} | {r.get('data')} | "
+                         f"{r.get('status')} | {e} (+{est.get('band_gib')}) | {nv} | {err} | "
+                         f"{r.get('steady_tokens_per_s')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--jobs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", help="comma-separated model names of CASES")
+    ap.add_argument("--grad-accum", type=int, help="run with this accumulation instead of the "
+                    "plan's (the same micro-batches, fewer of them: the memory check is the same)")
     ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--report", action="store_true", help="write results/e2e_unmeasured.md from "
+                    "the committed results/raw/h200_e2e*.jsonl")
     args = ap.parse_args()
+    if args.report:
+        paths = sorted((ROOT / "benchmarks/results/raw").glob("h200_e2e*.jsonl"))
+        (ROOT / "benchmarks/results/e2e_unmeasured.md").write_text(report(paths))
+        return 0
     cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
     work = Path(tempfile.mkdtemp(prefix="qplan-e2e-"))
 
     def go(c):
         try:
-            rec = case(*c, work, 2 if args.cpu_dry_run else args.steps, args.cpu_dry_run)
+            rec = case(*c, work, 2 if args.cpu_dry_run else args.steps, args.cpu_dry_run,
+                       args.grad_accum)
         except Exception as e:  # one case's failure is a result, not the end of the others
             rec = {"model": c[0], "card": c[1], "status": "script error", "error": repr(e)}
         with open(args.out, "a") as f:

@@ -125,3 +125,25 @@ def test_hw(monkeypatch):
     h = js("hw")
     assert set(h) == doc["`qplan hw` / `qplan doctor`"]
     assert set(h["gpus"][0]) == doc["`gpus[]` (detected)"]
+
+
+def test_calibrate_and_count(tmp_path, monkeypatch):
+    from qplan import api
+    from qplan.planner import store as S
+    from qplan.planner.config import TrainConfig
+
+    monkeypatch.setenv("QPLAN_HOME", str(tmp_path))
+    doc = documented()
+    m, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4090")
+    est = api.estimate(m, g, TrainConfig(seq_len=1024))
+    S.Store().add(S.attempt_record(gpu=g.name, model=m, memory=est.memory, speed=est.speed,
+                                   measured={"nvml_peak_gib": 9.0, "cuda_context_gib": 0.6},
+                                   steady_tokens_per_s=1000.0))
+    shown = js("calibrate", "--show")
+    assert set(shown) - {"removed"} == doc["`qplan calibrate`"] - {"removed"}
+    assert set(shown["corrections"][0]) == doc["`corrections[]`"]
+    reset = js("calibrate", "--reset")
+    assert set(reset) | {"records", "corrections"} == doc["`qplan calibrate`"]
+    counted = js("count", "--model", "llama-3.1-8b")  # the catalogue's: already counted
+    assert counted["counted"] is False
+    assert set(counted) | {"regimes"} == doc["`qplan count`"]

@@ -33,7 +33,8 @@ def calibrate(action: str, as_json: bool) -> None:
     st = Store()
     if action == "reset":
         n = st.reset()
-        d = {"command": "calibrate", "action": "reset", "path": str(st.path), "removed": n}
+        d = {"schema_version": render.SCHEMA_VERSION,
+                 "command": "calibrate", "action": "reset", "path": str(st.path), "removed": n}
         if as_json:
             render.print_json(d)
         else:
@@ -49,7 +50,8 @@ def calibrate(action: str, as_json: bool) -> None:
         rows.append({"gpu": gpu, "arch": arch, "model": rs[-1].get("model"), "regime": regime,
                      "runs": len(rs), "memory_factor": c.memory_factor,
                      "speed_factor": c.speed_factor})
-    d = {"command": "calibrate", "action": "show", "path": str(st.path), "records": len(recs),
+    d = {"schema_version": render.SCHEMA_VERSION,
+             "command": "calibrate", "action": "show", "path": str(st.path), "records": len(recs),
          "corrections": rows}
     if as_json:
         render.print_json(d)

@@ -36,7 +36,8 @@ def count(model: str, all_regimes: bool, force: bool, as_json: bool) -> None:
     m = api.get_model(model)
     have = counts_for(m)
     if have is not None and not force:
-        d = {"command": "count", "model": m.name, "counted": False, "path": have.source,
+        d = {"schema_version": render.SCHEMA_VERSION,
+                 "command": "count", "model": m.name, "counted": False, "path": have.source,
              "message": "already counted (figures for this shape exist); --force counts again"}
         if as_json:
             render.print_json(d)
@@ -51,7 +52,8 @@ def count(model: str, all_regimes: bool, force: bool, as_json: bool) -> None:
         render.print_lines([f"counting {m.name}: {len(which)} regimes (dry runs on the CPU, no "
                             "weights needed)..."])
     path = count_to_home(model, m, which=which)
-    d = {"command": "count", "model": m.name, "counted": True, "path": str(path),
+    d = {"schema_version": render.SCHEMA_VERSION,
+             "command": "count", "model": m.name, "counted": True, "path": str(path),
          "regimes": len(which)}
     if as_json:
         render.print_json(d)

@@ -370,7 +370,10 @@ def build_fake_model(config: dict[str, Any], cfg: TrainConfig, fake_mode):
     hf = AutoConfig.for_model(**config)
     hf.use_cache = False
     with fake_mode:
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch_dtype(cfg))
+        # the attention the runner loads with (a default could differ: Gemma 2 defaults to
+        # eager for its soft-capping; the runner asks for sdpa)
+        model = AutoModelForCausalLM.from_config(
+            hf, dtype=torch_dtype(cfg), attn_implementation="eager" if cfg.attn == "eager" else "sdpa")
     q = quantization_config(cfg)
     if q is None:
         return model

@@ -84,7 +84,17 @@ def _params(m: ModelProfile) -> str:
 
 
 def _shape(m: ModelProfile) -> dict:
-    return m.to_config_dict()
+    """What the plan's settings and estimate depend on, with every derived field resolved:
+    a model's own config.json spells out what the catalogue leaves to transformers'
+    defaults (``head_dim``, ``layer_types``), and its context length does not change the
+    memory of a step."""
+    from qplan.planner.activations import shape_of
+
+    d = shape_of(m)
+    kinds = m.layer_kinds()
+    d.update(vocab_size=m.vocab_size, tie_word_embeddings=m.tie_word_embeddings,
+             layer_kinds=kinds, sliding_window=m.sliding_window if "sliding_attention" in kinds else None)
+    return d
 
 
 def check_plan_model(plan: Plan, plan_file: str, model: Model, given: str, pm=None) -> str | None:
