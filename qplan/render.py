@@ -59,6 +59,8 @@ def estimate_dict(command: str, model, gpu, cfg, mem, speed, *, usable_bytes=Non
     d.update(memory_dict(mem, usable_bytes=usable_bytes))
     d["tokens_per_s"] = _r(speed.tokens_per_s, 1) if speed is not None else None
     d["step_s"] = _r(speed.step_s, 4) if speed is not None else None
+    d["speed_uncertainty"] = _r(speed.uncertainty, 2) if speed is not None else None
+    d["speed_basis"] = speed.basis if speed is not None else None
     d["notes"] = list(notes) + list(mem.notes)
     return d
 

@@ -129,8 +129,9 @@ def check(file: Path, gpu: str | None, vram: float | None, model: str | None, fm
         where = {k: field_label(reading, k) for k in reading.fields}
         render.print_settings(d["settings"], where, title="Settings", third="field in the file")
         render.print_breakdown(d)
+        unc = f"±{d['speed_uncertainty']:.0%}; " if d.get("speed_uncertainty") else ""
         render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
-                            f"({d['step_s']:.2f} s per optimizer step)"])
+                            f"({unc}{d['step_s']:.2f} s per optimizer step)"])
         a = res.auto_batch
         if a is not None:
             render.print_lines([

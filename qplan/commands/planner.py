@@ -224,8 +224,8 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
     render.print_lines([f"  {r}" for r in rest])
     render.print_breakdown(d)
     lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
-             f"({plan.config.tokens_per_step:,} tokens per optimizer step, "
-             f"{d['step_s']:.2f} s a step)"]
+             f"(±{d['speed_uncertainty']:.0%}; {plan.config.tokens_per_step:,} tokens per "
+             f"optimizer step, {d['step_s']:.2f} s a step)"]
     ds = d["dataset"]
     if d["wall_time_s"] is not None:
         n = ds["tokens_per_epoch"]
@@ -326,7 +326,8 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
         render.print_settings(d["settings"], title="Settings")
         render.print_breakdown(d)
         render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
-                            f"({d['step_s']:.2f} s per optimizer step)"])
+                            f"(±{d['speed_uncertainty']:.0%}; {d['step_s']:.2f} s per optimizer "
+                            "step)"])
         if not est.fits:
             big = est.memory.largest()
             render.print_lines([f"largest term: {big.label} ({big.gib:.2f} GiB): "

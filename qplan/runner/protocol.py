@@ -122,6 +122,9 @@ class AttemptSpec:
     change: Reason | None = None  # what changed from the previous attempt, and why
     estimated_peak_gib: float | None = None
     predicted_tokens_per_s: float | None = None
+    # the child stops after its first step when it measured more than this (NVML, context
+    # included: the estimate plus its uncertainty band): a re-plan before an OOM
+    replan_above_gib: float | None = None
     protocol: int = VERSION
 
 

@@ -224,7 +224,9 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
         estimated_peak_gib=round(est.memory.peak_gib, 3) if est else None,
         # the speed model predicts a GPU: none on CPU
         predicted_tokens_per_s=(round(est.speed.tokens_per_s, 1)
-                                if est and s.device == "cuda" else None))
+                                if est and s.device == "cuda" else None),
+        replan_above_gib=(round(est.memory.peak_gib + est.memory.band_gib, 3)
+                          if est and s.device == "cuda" else None))
 
 
 def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from qplan.runner import checkpoint as CK
 from qplan.runner import protocol as P
 from qplan.runner import techniques as T
 from qplan.runner.data import pad_row
+from qplan.profiles.gpus import GIB
 from qplan.runner.monitor import now, step_info
 
 
@@ -165,6 +166,24 @@ class QplanTrainer(Trainer):
             torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
 
+def check_first_step(c: Context) -> None:
+    """After the attempt's first step on a GPU: a peak above the estimate's band means the
+    plan was wrong for this model, and a later step may run out of memory. Stop now, as an
+    out-of-memory error (the parent re-plans with safer settings, the sequence never longer),
+    rather than wait for it."""
+    limit = c.spec.replan_above_gib
+    if limit is None or len(c.steps) != 1 or not getattr(c.monitor, "cuda", False):
+        return
+    c.monitor.sample()
+    peak = c.monitor.nvml_peak / GIB if c.monitor.nvml_peak else None
+    if peak is None or peak <= limit:
+        return
+    raise torch.cuda.OutOfMemoryError(
+        f"re-planning: the first step peaked at {peak:.2f} GiB (nvidia-smi), above the "
+        f"estimate and its uncertainty band ({limit:.2f} GiB); a later step could run out of "
+        "memory")
+
+
 class QplanCallback(TrainerCallback):
     """Per step: the data it used, its loss and speed (``steps.jsonl``), the progress line,
     and a requested stop (SIGTERM / Ctrl-C: save, then end)."""
@@ -198,6 +217,7 @@ class QplanCallback(TrainerCallback):
         c.steps_file.flush()
         c.progress.update(state.global_step,
                           step_info(c.step_loss, c.tokens_this_step / max(dt, 1e-9), c.monitor))
+        check_first_step(c)
         if c.stop.requested and state.global_step < state.max_steps:
             c.interrupted = True
             control.should_save = True
