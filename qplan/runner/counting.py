@@ -199,9 +199,12 @@ def full_layer_types(config: dict[str, Any]) -> list[str] | None:
 
 def count_regime(config: dict[str, Any], profile, regime: Regime,
                  layer_types: list[str] | None, *, device: str = "fake",
-                 model_dir: str | None = None, sizes=None, raw: bool = False) -> dict[str, Any]:
+                 model_dir: str | None = None, sizes=None, raw: bool = False,
+                 checks: bool = True) -> dict[str, Any]:
     """Fit every quantity of :class:`qplan.runner.dryrun.StepTrace` for one regime
-    (``device="cuda"``: measured for real, see :class:`~qplan.runner.dryrun.DryRun`)."""
+    (``device="cuda"``: measured for real, see :class:`~qplan.runner.dryrun.DryRun`).
+    ``checks``: also trace the check sizes (the fit's envelope is raised to cover them;
+    the largest, 128k tokens, costs more than the fit sizes together)."""
     from qplan.runner.dryrun import DryRun
 
     small = counting_config(config, layer_types)
@@ -210,7 +213,7 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
         fit_sizes, check = tuple(sizes), ()
     else:
         fit_sizes = TILED_SIZES if regime.tiled else SIZES
-        check = TILED_CHECK_SIZES if regime.tiled else CHECK_SIZES
+        check = (TILED_CHECK_SIZES if regime.tiled else CHECK_SIZES) if checks else ()
     all_sizes = [(b, s) for b, s in (*fit_sizes, *check)
                  if not regime.tiled or s > COUNT_MLP_CHUNK]
     n_fit = sum(1 for b, s in fit_sizes if not regime.tiled or s > COUNT_MLP_CHUNK)
@@ -265,7 +268,7 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
 
 def count_model(config: dict[str, Any], *, name: str = "",
                 which: list[Regime] | None = None, device: str = "fake", sizes=None,
-                raw: bool = False) -> dict[str, Any]:
+                raw: bool = False, checks: bool = True) -> dict[str, Any]:
     """Every regime's fitted figures for the architecture ``config`` (a config.json dict),
     with the full model's layer kinds; JSON-ready. ``device="cuda"`` measures them for real
     on a GPU instead (the yardstick of the dry run)."""
@@ -294,8 +297,9 @@ def count_model(config: dict[str, Any], *, name: str = "",
         for regime in which or regimes():
             result["regimes"][regime.key] = count_regime(config, profile, regime, types,
                                                          device=device, model_dir=model_dir,
-                                                         sizes=sizes, raw=raw)
+                                                         sizes=sizes, raw=raw, checks=checks)
     result["device"] = device
+    result["checks"] = checks
     return result
 
 
