@@ -73,8 +73,19 @@ def check_fixed(model: ModelProfile, fixed: dict[str, Any]) -> None:
         problems.append(f"--embed-on-cpu needs untied embeddings, but {model.name} ties its "
                         "lm_head to the embedding matrix (tie_word_embeddings), which the loss "
                         "needs on the GPU: drop --embed-on-cpu")
+    if fixed.get("attn") == "sdpa" and not model.sdpa_supported:
+        problems.append(no_sdpa_message(model))
     if problems:
         raise BadInputError("; ".join(problems))
+
+
+def no_sdpa_message(model: ModelProfile) -> str:
+    from qplan.profiles.models import NO_SDPA
+
+    return (f"--attn sdpa: transformers has no sdpa attention for {model.name} "
+            f"({NO_SDPA.get(model.model_type, model.model_type)}) and refuses to load it so; "
+            "leave --attn out (qplan plans eager attention for it) or use --attn eager, or "
+            "flash_attention_2 where flash-attn is installed")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from qplan.errors import BadInputError, DoesNotFitError
 from qplan.planner.config import TrainConfig
+from qplan.planner.search import default_attention
 from qplan.profiles.gpus import GIB
 
 SUFFIXES = (".png", ".svg")
@@ -78,7 +79,8 @@ def memory_curves(model, gpus, *, seq_len: int = 2048, target_effective_batch: i
                             f"sequence that fits ({plan.config.seq_len})")
                 except DoesNotFitError:
                     plan = None
-        cfg = plan.config if plan is not None else TrainConfig(**{**fixed, "seq_len": seq_len})
+        cfg = plan.config if plan is not None else TrainConfig(**{
+            "attn": default_attention(model, g), **fixed, "seq_len": seq_len})
         if plan is None:
             note = "nothing fits this card at any sequence length: the default settings drawn"
         seqs, peaks = [], []

@@ -101,6 +101,10 @@ def knob_options(*, defaults: bool, skip: tuple[str, ...] = ()) -> Callable:
             if k.field == "lora_targets" and defaults:
                 d = "all" if d is None else ",".join(d)
             kw: dict[str, Any] = dict(default=d, help=k.help, show_default=defaults)
+            if k.field == "attn" and defaults:  # the model's: Gemma 2 has no sdpa
+                kw.update(default=None, show_default=False,
+                          help=k.help + "  [default: sdpa; eager for models transformers has "
+                          "no sdpa for (Gemma 2)]")
             if k.type is not None:
                 kw["type"] = k.type
             fn = click.option(k.flag, k.field, **kw)(fn)

@@ -295,11 +295,13 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
     """
     from qplan import api, render
     from qplan.planner.config import TrainConfig
-    from qplan.planner.search import usable_bytes
+    from qplan.planner.search import default_attention, usable_bytes
 
-    cfg = TrainConfig(**knob_values(knobs))
+    values = knob_values(knobs)
     m = api.get_model(model)
     t = resolve_target(gpu, vram, reserve)
+    values.setdefault("attn", default_attention(m, t.gpu))
+    cfg = TrainConfig(**values)
     api.check_fixed(m, cfg.to_dict())
     notes = t.notes + model_notes(m)
     if cfg.compute_dtype == "bf16" and not t.gpu.bf16:

@@ -163,6 +163,12 @@ def read_file(path: str | Path, *, model: str | None = None, fmt: str | None = N
     profile = api.get_model(name, pm=pm)
     reading = interpret(fmt, layout, data, profile, source=str(path), trl_version=trl_version,
                         skipped=skipped, seq_len=seq_len)
+    if reading.config.attn == "sdpa" and not profile.sdpa_supported:
+        from qplan.profiles.models import NO_SDPA
+
+        reading = replace(reading, config=reading.config.with_(attn="eager"), semantics=(
+            *reading.semantics, f"sdpa attention: transformers has none for {profile.name} "
+            f"({NO_SDPA[profile.model_type]}): eager (recent versions refuse sdpa for it)"))
     if model:
         reading = replace(reading, semantics=reading.semantics + (f"model {model} (--model)",))
     if seq_len is not None and reading.config.seq_len != seq_len:

@@ -11,7 +11,7 @@ activations that autograd keeps) were measured on an H100 with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from qplan.errors import NotModelledError
@@ -496,7 +496,17 @@ def analytic_dynamic(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
 def dynamic_memory(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
     """Counted when this architecture has counts (the catalogue's do), else analytic."""
     c = counts(model)
-    return counted_dynamic(model, cfg, c) if c is not None else analytic_dynamic(model, cfg)
+    if c is None:
+        return analytic_dynamic(model, cfg)
+    d = counted_dynamic(model, cfg, c)
+    if cfg.recompute_norms:
+        # lean norms only drop saved tensors; where the two regimes' fitted envelopes cross
+        # (their constants, at a few tokens) the plain regime's figures bound them
+        plain = counted_dynamic(model, cfg.with_(recompute_norms=False), c)
+        d = replace(d, inputs=min(d.inputs, plain.inputs),
+                    activations=min(d.activations, plain.activations),
+                    transient=min(d.transient, plain.transient))
+    return d
 
 
 # ---------------------------------------------------------------------------

@@ -46,12 +46,21 @@ def usable_bytes(gpu: GpuProfile, capacity_bytes: int | None = None,
     return int(cap - reserve)
 
 
+def default_attention(model: ModelProfile, gpu: GpuProfile | None = None, *,
+                      flash_attn_available: bool = False) -> str:
+    """flash-attention 2 where it is installed and the card runs it, else sdpa, or eager for
+    architectures transformers has no sdpa path for (:attr:`ModelProfile.sdpa_supported`)."""
+    if flash_attn_available and gpu is not None and gpu.flash_attention_2:
+        return "flash_attention_2"
+    return "sdpa" if model.sdpa_supported else "eager"
+
+
 def default_settings(model: ModelProfile, gpu: GpuProfile, *, flash_attn_available: bool = False,
                      ) -> dict[str, Any]:
     """The default policy's starting point, with the reason for each choice."""
     return {
         "compute_dtype": "bf16" if gpu.bf16 else "fp16",
-        "attn": "flash_attention_2" if (flash_attn_available and gpu.flash_attention_2) else "sdpa",
+        "attn": default_attention(model, gpu, flash_attn_available=flash_attn_available),
         "lora_rank": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.0,

@@ -78,6 +78,10 @@ PHI3_TARGETS = {
 }
 
 
+# model_type -> why transformers has no sdpa attention for it (it refuses to load with sdpa)
+NO_SDPA = {"gemma2": "Gemma 2 soft-caps its attention logits, which sdpa cannot"}
+
+
 @dataclass(frozen=True)
 class LinearShape:
     """One linear layer inside a transformer block (repeated once per block)."""
@@ -168,6 +172,14 @@ class ModelProfile:
     def final_logit_softcapping(self) -> bool:
         """Gemma 2 soft-caps its logits with tanh (more logits copies in the loss)."""
         return self.model_type == "gemma2"
+
+    @property
+    def sdpa_supported(self) -> bool:
+        """Whether transformers runs this architecture's attention through sdpa. Gemma 2
+        soft-caps its attention logits (``attn_logit_softcapping``), which sdpa cannot:
+        transformers refuses sdpa for it (``_supports_sdpa = False``), leaving eager
+        attention (or flash-attention 2), which keeps the attention matrix."""
+        return self.model_type not in NO_SDPA
 
     @property
     def is_moe(self) -> bool:

@@ -83,7 +83,7 @@ class Regime:
             lora_dropout=0.1 if self.variant == "dropout" else 0.0,
             grad_ckpt=self.grad_ckpt, prepare="kbit" if self.variant == "kbit" else "lean",
             loss="fused", loss_chunk=COUNT_LOSS_CHUNK,
-            attn="eager" if self.variant == "eager" else "sdpa",
+            attn="eager" if self.variant == "eager" or not profile.sdpa_supported else "sdpa",
             quant="none" if self.variant == "lora16" else "nf4",
             recompute_norms=self.recompute_norms, offload_activations=self.offload,
             mlp_chunk=COUNT_MLP_CHUNK if self.tiled else 0, packed_rows=self.packed)
@@ -295,6 +295,8 @@ def count_model(config: dict[str, Any], *, name: str = "",
             save_random_model(counting_config(config, types), tmp, device)
             model_dir = tmp
         for regime in which or regimes():
+            if regime.variant == "eager" and not profile.sdpa_supported:
+                continue  # its base regimes are eager already
             result["regimes"][regime.key] = count_regime(config, profile, regime, types,
                                                          device=device, model_dir=model_dir,
                                                          sizes=sizes, raw=raw, checks=checks)
