@@ -354,15 +354,20 @@ def uncertainty_band(terms: list[MemoryTerm], basis: str) -> int:
 def allocator_overhead(model: ModelProfile, cfg: TrainConfig, activations: int, work: int) -> int:
     """What the caching allocator reserves beyond what is allocated at the peak.
 
-    Mostly the large, short-lived logits buffers of the standard loss, which leave
-    reserved segments behind (``FRAG_LOGITS`` of them), plus a fraction of the other
-    step-to-step memory; the default allocator (no ``expandable_segments``) fragments more.
+    The large, short-lived logits buffers of the standard loss leave reserved segments
+    behind (``FRAG_LOGITS`` of them); so does the working set freed and allocated again for
+    every block (``FRAG_WORK``), and with checkpointing the block inputs kept between those
+    cycles (``FRAG_ACT_CKPT``); the default allocator (no ``expandable_segments``) keeps more.
     Measured; see :mod:`.calibration`.
     """
     logits = _tokens(cfg) * model.vocab_size * C.LOGITS_STANDARD_BYTES if cfg.loss == "standard" else 0
-    frac = C.FRAG_EXPANDABLE if cfg.expandable_segments else C.FRAG_DEFAULT
-    fixed = C.ALLOC_FIXED_GIB if cfg.expandable_segments else C.ALLOC_FIXED_DEFAULT_GIB
-    return int(C.FRAG_LOGITS * logits + frac * (activations + work) + fixed * GIB)
+    # the standard loss' logits are the working set at its peak: counted once, as logits
+    expandable = (max(C.FRAG_LOGITS * logits, C.FRAG_WORK * work)
+                  + (C.FRAG_ACT_CKPT * activations if cfg.grad_ckpt else 0) + C.ALLOC_FIXED_GIB * GIB)
+    if not cfg.expandable_segments:  # the default allocator keeps more cached blocks
+        expandable = max(expandable, C.FRAG_DEFAULT * (activations + work)
+                         + C.ALLOC_FIXED_DEFAULT_GIB * GIB)
+    return int(expandable)
 
 
 # ---------------------------------------------------------------------------
