@@ -115,7 +115,18 @@ def model_dict(m) -> dict[str, Any]:
             "num_key_value_heads": m.num_key_value_heads, "vocab_size": m.vocab_size,
             "max_position_embeddings": m.max_position_embeddings, "moe": m.is_moe,
             "aliases": list(m.aliases), "source": m.source, "provider": m.provider,
-            "notes": m.notes}
+            "notes": m.notes, "memory_basis": memory_basis(m)}
+
+
+def memory_basis(m) -> str:
+    """How qplan estimates this model's activation memory: "counted" (dry-run figures of
+    its architecture ship with qplan or were made here by ``qplan count``), "analytic" (terms
+    fitted to Llama-like blocks, with the wider band) or "not modelled" (mixtures of experts)."""
+    from qplan.planner.activations import counts_for
+
+    if m.is_moe:
+        return "not modelled"
+    return "counted" if counts_for(m) is not None else "analytic"
 
 
 def hardware_dict(hw, versions: dict[str, str | None]) -> dict[str, Any]:
@@ -260,12 +271,12 @@ def print_gpus(rows: list[dict[str, Any]]) -> None:
 def print_models(rows: list[dict[str, Any]]) -> None:
     t = _table(f"Models ({len(rows)}; hub ids and sources: --json)", ("name", "left"),
                ("params B", "right"), ("layers", "right"), ("hidden", "right"),
-               ("vocab", "right"), ("context", "right"), ("family", "left"))
+               ("vocab", "right"), ("context", "right"), ("family", "left"), ("memory", "left"))
     for m in rows:
         fam = m["family"] + (" (MoE)" if m["moe"] else "")
         t.add_row(m["name"], f"{m['params_b']:.2f}", str(m["num_hidden_layers"]),
                   str(m["hidden_size"]), f"{m['vocab_size']:,}",
-                  f"{m['max_position_embeddings']:,}", fam)
+                  f"{m['max_position_embeddings']:,}", fam, m.get("memory_basis", ""))
     console().print(t)
 
 

@@ -29,7 +29,8 @@ def gpus(as_json: bool) -> None:
 @json_option
 @handles_errors
 def models(as_json: bool) -> None:
-    """List the model catalogue: parameters, layers, hidden size, vocabulary, context."""
+    """List the model catalogue: parameters, layers, hidden size, vocabulary, context, and
+    how its activation memory is estimated (counted: dry-run figures; analytic: wider band)."""
     from qplan import api, render
 
     rows = [render.model_dict(m) for m in sorted(api.catalog().models,

@@ -28,7 +28,8 @@ def count(model: str, all_regimes: bool, force: bool, as_json: bool) -> None:
     """Count what this model's blocks keep for backward, in every regime qplan plans with,
     by dry-running real training steps on fake tensors (CPU only: no memory is taken and
     no weights are needed, only the config). Takes a minute or a few; needs the training
-    stack (pip install 'qplan[train]'). Models of the catalogue are counted already."""
+    stack (pip install 'qplan[train]'). `qplan models` shows which models
+    are counted already (the memory column)."""
     from qplan import api, render
     from qplan.planner.activations import counts_for
     from qplan.runner.run import require_training_stack
