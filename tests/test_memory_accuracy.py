@@ -109,3 +109,23 @@ def test_committed_grid_report_is_current(grid_rows):
     got = grid.results(rows, fallback)
     assert {k: committed.get(k) for k in got} == got, (
         "run `python benchmarks/grid_report.py --write` and commit the result")
+
+
+def test_end_to_end_runs_against_todays_model():
+    """The committed end-to-end runs (suggest --save, run --plan, --simulate-gpu, H200): today's
+    estimate of what ran is not under the measured nvidia-smi peak by more than 5%."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("e2e", ROOT / "benchmarks" / "e2e_unmeasured.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    results = [json.loads(line) for p in sorted((ROOT / "benchmarks/results/raw").glob("h200_e2e*.jsonl"))
+               for line in p.read_text().splitlines()]
+    checked = 0
+    for r in results:
+        est, nv = e2e.todays_estimate(r), (r.get("measured") or {}).get("nvml_peak_gib")
+        if est is None or not nv:
+            continue
+        checked += 1
+        assert (est - nv) / nv >= -0.05, (r["model"], r["card"], est, nv)
+    assert checked >= 3
