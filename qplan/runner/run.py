@@ -162,8 +162,20 @@ def _supervise(r: Run) -> RunReport:
                    f"out of memory. Continue with more: qplan run --resume {r.dir} --max-attempts N")
 
 
+def rows_as_run(cfg: TrainConfig, data: dict | None) -> TrainConfig:
+    """``cfg`` with the rows as this run's data makes them. Plans assume packed rows (a
+    mask keeps examples apart); when every example was longer than the sequence, each row is
+    one whole example with no padding, transformers builds no mask, and the estimate (the
+    report's, the re-plan threshold's, the calibration store's) is the unpacked one."""
+    d = data or {}
+    if cfg.packed_rows and d.get("examples") and d.get("truncated", 0) >= d["examples"]:
+        return cfg.with_(packed_rows=False)
+    return cfg
+
+
 def _estimate(r: Run, cfg: TrainConfig):
-    """The planner's estimate of ``cfg`` (None when it cannot make one)."""
+    """The planner's estimate of ``cfg`` for this run's rows (None when it cannot make one)."""
+    cfg = rows_as_run(cfg, getattr(r.state, "data", None))
     try:
         return api.estimate(r.profile, r.gpu, cfg, pm=r.pm, use_calibration=r.req.use_calibration)
     except QplanError:
