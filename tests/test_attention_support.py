@@ -35,8 +35,6 @@ def test_estimate_refuses_sdpa_for_gemma2_and_defaults_to_eager():
     m, gpu = api.get_model("gemma-2-9b"), api.get_gpu("rtx-4090")
     with pytest.raises(BadInputError, match="leave --attn out"):
         api.check_fixed(m, {"attn": "sdpa"})
-    lean = dict(seq_len=4096, loss="fused", grad_ckpt=False)
-    eager = api.estimate(m, gpu, TrainConfig(attn="eager", **lean)).memory.peak_bytes
     r = CliRunner().invoke(cli, ["estimate", "--model", "gemma-2-9b", "--gpu", "rtx-4090",
                                  "--seq", "4096", "--json"])
     assert r.exit_code in (0, 3), r.output
@@ -46,8 +44,21 @@ def test_estimate_refuses_sdpa_for_gemma2_and_defaults_to_eager():
     r = CliRunner().invoke(cli, ["estimate", "--model", "gemma-2-9b", "--gpu", "rtx-4090",
                                  "--attn", "sdpa"])
     assert r.exit_code == 2 and "leave --attn out" in r.output and "Traceback" not in r.output
-    assert eager > api.estimate(api.get_model("gemma-2-9b"), gpu,
-                                TrainConfig(attn="flash_attention_2", **lean)).memory.peak_bytes
+
+
+def test_eager_attention_keeps_the_attention_matrix(monkeypatch):
+    """Analytic terms: eager attention's probabilities cost more than a fused kernel's;
+    Gemma 2's counts are made with eager attention (the attention it runs)."""
+    from qplan.planner import memory
+
+    m, gpu = api.get_model("gemma-2-9b"), api.get_gpu("rtx-4090")
+    lean = dict(seq_len=4096, loss="fused", grad_ckpt=False)
+    counted = api.estimate(m, gpu, TrainConfig(attn="eager", **lean)).memory
+    monkeypatch.setattr(memory, "counts", lambda model: None)
+    eager = api.estimate(m, gpu, TrainConfig(attn="eager", **lean)).memory
+    flash = api.estimate(m, gpu, TrainConfig(attn="flash_attention_2", **lean)).memory
+    assert eager.term("activations").bytes > flash.term("activations").bytes
+    assert counted.basis == "counted" and eager.basis == "analytic"
 
 
 def test_counting_regimes_use_eager_for_gemma2():

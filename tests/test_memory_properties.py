@@ -25,7 +25,9 @@ gpus = st.sampled_from(GPUS)
 @st.composite
 def configs(draw) -> TrainConfig:
     return TrainConfig(
-        seq_len=draw(st.integers(1, 16_384)),
+        # counted figures are fitted from 4k tokens and checked on the GPU down to 256; below
+        # that the fits' constants dominate and orderings between regimes are not promised
+        seq_len=draw(st.integers(256, 16_384)),
         batch_size=draw(st.integers(1, 16)),
         grad_accum=draw(st.integers(1, 8)),
         lora_rank=draw(st.integers(1, 256)),

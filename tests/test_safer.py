@@ -64,7 +64,9 @@ def step_name(a: TrainConfig, b: TrainConfig) -> str:
 @st.composite
 def configs(draw) -> TrainConfig:
     return TrainConfig(
-        seq_len=draw(st.integers(1, 32_768)),
+        # counted figures are fitted from 4k tokens and checked on the GPU down to 256; below
+        # that the fits' constants dominate and orderings between regimes are not promised
+        seq_len=draw(st.integers(256, 32_768)),
         batch_size=draw(st.integers(1, 64)),
         grad_accum=draw(st.integers(1, 16)),
         lora_rank=draw(st.sampled_from([8, 16, 64])),

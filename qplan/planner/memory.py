@@ -503,14 +503,33 @@ def dynamic_memory(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
     c = counts(model)
     if c is None:
         return analytic_dynamic(model, cfg)
+    return _dominated(model, cfg, c)
+
+
+def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
+    """The counted figures of ``cfg``, kept in the order the techniques guarantee: lean norms,
+    the tiled MLP and checkpointing only drop or shrink tensors, and a packed-rows mask only
+    adds one. Each regime's fits are upper envelopes of their own points; where two regimes'
+    envelopes cross (their constants, a few KiB at some length, or far below the counted
+    lengths) the regime without the technique bounds the one with it."""
     d = counted_dynamic(model, cfg, c)
-    if cfg.recompute_norms:
-        # lean norms only drop saved tensors; where the two regimes' fitted envelopes cross
-        # (their constants, at a few tokens) the plain regime's figures bound them
-        plain = counted_dynamic(model, cfg.with_(recompute_norms=False), c)
-        d = replace(d, inputs=min(d.inputs, plain.inputs),
-                    activations=min(d.activations, plain.activations),
-                    transient=min(d.transient, plain.transient))
+    offs = [k for k in ("recompute_norms", "mlp_chunk", "grad_ckpt") if getattr(cfg, k)]
+    for n in range(1, 1 << len(offs)):
+        off = {k: (0 if k == "mlp_chunk" else False) for i, k in enumerate(offs) if n >> i & 1}
+        if off.get("grad_ckpt") is False:
+            off["offload_activations"] = False
+        p = counted_dynamic(model, cfg.with_(**off), c)
+        d = replace(d, inputs=min(d.inputs, p.inputs), activations=min(d.activations, p.activations),
+                    transient=min(d.transient, p.transient))
+    # and the settings that only add tensors: at least the figures without them
+    more = [k for k, on in (("packed_rows", cfg.packed_rows), ("lora_dropout", cfg.lora_dropout > 0),
+                            ("prepare", cfg.prepare == "kbit"),
+                            ("attn", cfg.attn == "eager" and model.sdpa_supported)) if on]
+    plain = {"packed_rows": False, "lora_dropout": 0.0, "prepare": "lean", "attn": "sdpa"}
+    for k in more:
+        u = _dominated(model, cfg.with_(**{k: plain[k]}), c)
+        d = replace(d, inputs=max(d.inputs, u.inputs), activations=max(d.activations, u.activations),
+                    transient=max(d.transient, u.transient))
     return d
 
 
