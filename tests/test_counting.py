@@ -86,3 +86,27 @@ def test_regimes_cover_what_the_search_chooses():
     assert len(keys) == len(K.regimes())  # no duplicates
     # offload only with checkpointing (it moves the checkpointed inputs)
     assert all(r.grad_ckpt for r in K.regimes() if r.offload)
+
+
+GEMMA2 = dict(model_type="gemma2", hidden_size=H, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+              max_position_embeddings=4096, sliding_window=4096, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0)
+
+
+def test_gemma2_is_counted_with_eager_attention_which_keeps_the_attention_matrix():
+    """Transformers refuses sdpa for Gemma 2 (soft-capped attention): its regimes count eager
+    attention, whose kept probabilities grow with heads x seq per token."""
+    from qplan.runner.dryrun import DryRun
+
+    profile = ModelProfile.from_config_dict(GEMMA2, name="tiny-gemma2")
+    assert not profile.sdpa_supported
+    regime = K.Regime(grad_ckpt=False, packed=False)
+    cfg = regime.config(profile)
+    assert cfg.attn == "eager"
+    small = K.counting_config(GEMMA2, profile.layer_types)
+    with DryRun(small, cfg, packed=False) as dr:
+        short, long = dr.trace(1, 256), dr.trace(1, 512)
+    per_short, per_long = short.blocks[1].kept / 256, long.blocks[1].kept / 512
+    # at least the 16-bit probabilities of 4 heads: 4 x 2 bytes per key, 256 more keys a token
+    assert per_long - per_short >= 4 * 2 * 256
