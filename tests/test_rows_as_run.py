@@ -8,16 +8,16 @@ from qplan.runner.run import rows_as_run
 
 def test_rows_of_truncated_examples_are_unpacked():
     cfg = TrainConfig(seq_len=40960, packed_rows=True)
-    assert rows_as_run(cfg, {"examples": 18, "truncated": 18}).packed_rows is False
+    assert rows_as_run(cfg, {"examples": 18, "train_truncated": 18}).packed_rows is False
 
 
 def test_short_examples_stay_packed_and_unknown_data_changes_nothing():
     cfg = TrainConfig(seq_len=4096, packed_rows=True)
-    assert rows_as_run(cfg, {"examples": 100, "truncated": 3}).packed_rows is True
-    assert rows_as_run(cfg, {"examples": 0, "truncated": 0}) == cfg
+    assert rows_as_run(cfg, {"examples": 100, "train_truncated": 3}).packed_rows is True
+    assert rows_as_run(cfg, {"examples": 0, "train_truncated": 0}) == cfg
     assert rows_as_run(cfg, None) == cfg
     off = cfg.with_(packed_rows=False)
-    assert rows_as_run(off, {"examples": 5, "truncated": 5}) == off
+    assert rows_as_run(off, {"examples": 5, "train_truncated": 5}) == off
 
 
 def test_the_unpacked_estimate_is_lower_at_long_sequences():
@@ -25,6 +25,6 @@ def test_the_unpacked_estimate_is_lower_at_long_sequences():
     cfg = TrainConfig(seq_len=40960, grad_ckpt=True, offload_activations=True, loss="fused",
                       packed_rows=True)
     packed = api.estimate(m, gpu, cfg, use_calibration=False).memory.peak_bytes
-    run = api.estimate(m, gpu, rows_as_run(cfg, {"examples": 9, "truncated": 9}),
+    run = api.estimate(m, gpu, rows_as_run(cfg, {"examples": 9, "train_truncated": 9}),
                        use_calibration=False).memory.peak_bytes
     assert run < 0.8 * packed

@@ -208,16 +208,9 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
     from qplan.runner.dryrun import DryRun
 
     small = counting_config(config, layer_types)
-    cfg = regime.config(profile)
-    if sizes:
-        fit_sizes, check = tuple(sizes), ()
-    else:
-        fit_sizes = TILED_SIZES if regime.tiled else SIZES
-        check = (TILED_CHECK_SIZES if regime.tiled else CHECK_SIZES) if checks else ()
-    all_sizes = [(b, s) for b, s in (*fit_sizes, *check)
-                 if not regime.tiled or s > COUNT_MLP_CHUNK]
-    n_fit = sum(1 for b, s in fit_sizes if not regime.tiled or s > COUNT_MLP_CHUNK)
-    with DryRun(small, cfg, packed=regime.packed, device=device, model_dir=model_dir) as dr:
+    all_sizes, n_fit = _regime_sizes(regime, sizes, checks)
+    with DryRun(small, regime.config(profile), packed=regime.packed, device=device,
+                model_dir=model_dir) as dr:
         traces = [dr.trace(b, s) for b, s in all_sizes]
     tiled = regime.tiled
     out: dict[str, Any] = {}
@@ -258,12 +251,27 @@ def count_regime(config: dict[str, Any], profile, regime: Regime,
             worst = max(worst, r3)
     out["max_residual_bytes"] = round(worst)
     if raw:
-        out["traces"] = [{"batch": t.batch, "seq": t.seq, "prelude": t.prelude, "head": t.head,
-                          "loss_backward": t.loss_backward, "entering": t.entering,
-                          "kept": [b.kept for b in t.blocks],
-                          "backward": [b.backward for b in t.blocks], "peak": t.peak}
-                         for t in traces]
+        out["traces"] = [_raw_trace(t) for t in traces]
     return out
+
+
+def _regime_sizes(regime: Regime, sizes, checks: bool) -> tuple[list[tuple[int, int]], int]:
+    """(every batch x seq to trace, how many of them, first, the fit uses): ``sizes`` given,
+    or the standard fit sizes then the check sizes; a tiled regime only past one chunk."""
+    if sizes:
+        fit_sizes, check = tuple(sizes), ()
+    else:
+        fit_sizes = TILED_SIZES if regime.tiled else SIZES
+        check = (TILED_CHECK_SIZES if regime.tiled else CHECK_SIZES) if checks else ()
+    keep = [(b, s) for b, s in (*fit_sizes, *check) if not regime.tiled or s > COUNT_MLP_CHUNK]
+    return keep, sum(1 for b, s in fit_sizes if not regime.tiled or s > COUNT_MLP_CHUNK)
+
+
+def _raw_trace(t) -> dict[str, Any]:
+    return {"batch": t.batch, "seq": t.seq, "prelude": t.prelude, "head": t.head,
+            "loss_backward": t.loss_backward, "entering": t.entering,
+            "kept": [b.kept for b in t.blocks], "backward": [b.backward for b in t.blocks],
+            "peak": t.peak}
 
 
 def count_model(config: dict[str, Any], *, name: str = "",

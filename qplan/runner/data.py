@@ -72,6 +72,7 @@ class DataSummary:
     bad_skipped: int = 0
     examples: int = 0  # tokenized examples kept
     truncated: int = 0  # examples longer than seq_len, cut
+    train_truncated: int = 0  # of the training examples (each then fills a row alone)
     dropped_no_labels: int = 0  # nothing left to learn after masking/truncation
     rows: int = 0
     tokens: int = 0  # real (non-padding) tokens in the rows
@@ -602,14 +603,7 @@ def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, ev
                           packing=packing, completion_only=completion_only)
     if bad:
         summary.notes.append(f"skipped {len(bad)} bad record(s), first: {bad[0]}")
-    held: set[int] = set()
-    if eval_fraction > 0:
-        if good < 2:
-            raise BadInputError("--eval-split needs at least 2 examples")
-        order = list(range(good))
-        random.Random(seed).shuffle(order)
-        held = set(order[:min(good - 1, max(1, round(eval_fraction * good)))])
-        del order
+    held = _held_out(good, eval_fraction, seed)
     tmp = None
     if cache_dir is None:
         import tempfile
@@ -624,7 +618,8 @@ def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, ev
         ids, labels = tokenize_batch(recs, fmt, tok, completion_only=completion_only)
         keep: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
         for x, y in zip(ids, labels):
-            if len(x) > seq_len:
+            cut = len(x) > seq_len
+            if cut:
                 summary.truncated += 1
                 x, y = x[:seq_len], y[:seq_len]
             if any(t != -100 for t in y[1:]):
@@ -632,6 +627,7 @@ def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, ev
                 side[0].append(x)
                 side[1].append(y)
                 summary.examples += index not in held
+                summary.train_truncated += cut and index not in held
             else:
                 summary.dropped_no_labels += 1
             index += 1
@@ -639,11 +635,7 @@ def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, ev
             train.add(_table(*keep[False]))
         if ev is not None and keep[True][0]:
             ev.add(_table(*keep[True]))
-    if summary.truncated:
-        summary.notes.append(f"{summary.truncated} example(s) longer than {seq_len} tokens were truncated")
-    if summary.dropped_no_labels:
-        summary.notes.append(f"{summary.dropped_no_labels} example(s) had no answer tokens left "
-                             "after truncation and were dropped")
+    _note_cuts(summary, seq_len)
     if not summary.examples:
         raise BadInputError(f"{Path(path).name}: no example has tokens to learn from "
                             f"at --seq {seq_len}")
@@ -655,6 +647,25 @@ def _prepare(path, tok, *, seq_len, completion_only, skip_bad_lines, packing, ev
         if ev is not None:
             evr._qplan_tmp = tmp
     return rows, evr, summary, bad
+
+
+def _held_out(good: int, eval_fraction: float, seed: int) -> set[int]:
+    """Indices of the records held out for evaluation (``--eval-split``)."""
+    if eval_fraction <= 0:
+        return set()
+    if good < 2:
+        raise BadInputError("--eval-split needs at least 2 examples")
+    order = list(range(good))
+    random.Random(seed).shuffle(order)
+    return set(order[:min(good - 1, max(1, round(eval_fraction * good)))])
+
+
+def _note_cuts(summary: DataSummary, seq_len: int) -> None:
+    if summary.truncated:
+        summary.notes.append(f"{summary.truncated} example(s) longer than {seq_len} tokens were truncated")
+    if summary.dropped_no_labels:
+        summary.notes.append(f"{summary.dropped_no_labels} example(s) had no answer tokens left "
+                             "after truncation and were dropped")
 
 
 def step_order(n_rows: int, count: int, seed: int) -> list[int]:

@@ -67,9 +67,7 @@ class StepTrace:
 # ---------------------------------------------------------------------------
 # live-storage tracker
 def _tracker_class():
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
     class LiveBytes(TorchDispatchMode):
         """Counts the bytes of every storage created while active, until it is freed."""
@@ -87,28 +85,11 @@ def _tracker_class():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if not self.paused:
-                extra = _transient_bytes(func, args)
-                if extra:  # a buffer the GPU kernel allocates and frees inside the call
-                    self._high(self.live + extra + _nbytes(out))
-                # an output that shares an input's storage (a view, an in-place result)
-                # takes no new memory, even when that storage predates the tracker
-                inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor)}
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
-                        self.track(t)
+                _count_call(self, func, args, kwargs, out)
             return out
 
         def track(self, t) -> None:
-            st = t.untyped_storage()
-            key = id(st)
-            if key in self._seen:
-                return
-            n = st.nbytes()
-            self._seen[key] = n
-            self.live += n
-            self._high(self.live)
-            weakref.finalize(st, self._free, key)
+            _track_storage(self, t)
 
         def _high(self, value: int) -> None:
             if self.in_phase:
@@ -138,6 +119,36 @@ def _tracker_class():
                 self.in_phase -= 1
 
     return LiveBytes
+
+
+def _count_call(mode, func, args, kwargs, out) -> None:
+    """What one dispatched call adds to ``mode`` (a LiveBytes tracker)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    extra = _transient_bytes(func, args)
+    if extra:  # a buffer the GPU kernel allocates and frees inside the call
+        mode._high(mode.live + extra + _nbytes(out))
+    # an output that shares an input's storage (a view, an in-place result) takes no new
+    # memory, even when that storage predates the tracker
+    inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+              if isinstance(t, torch.Tensor)}
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+            mode.track(t)
+
+
+def _track_storage(mode, t) -> None:
+    """Count ``t``'s storage once, until it is freed."""
+    st = t.untyped_storage()
+    key = id(st)
+    if key in mode._seen:
+        return
+    n = st.nbytes()
+    mode._seen[key] = n
+    mode.live += n
+    mode._high(mode.live)
+    weakref.finalize(st, mode._free, key)
 
 
 def _nbytes(out) -> int:

@@ -168,7 +168,7 @@ def rows_as_run(cfg: TrainConfig, data: dict | None) -> TrainConfig:
     one whole example with no padding, transformers builds no mask, and the estimate (the
     report's, the re-plan threshold's, the calibration store's) is the unpacked one."""
     d = data or {}
-    if cfg.packed_rows and d.get("examples") and d.get("truncated", 0) >= d["examples"]:
+    if cfg.packed_rows and d.get("examples") and d.get("train_truncated", 0) >= d["examples"]:
         return cfg.with_(packed_rows=False)
     return cfg
 
