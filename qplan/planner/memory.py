@@ -507,11 +507,13 @@ def dynamic_memory(model: ModelProfile, cfg: TrainConfig) -> Dynamic:
 
 
 def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
-    """The counted figures of ``cfg``, kept in the order the techniques guarantee: lean norms,
-    the tiled MLP and checkpointing only drop or shrink tensors, and a packed-rows mask only
-    adds one. Each regime's fits are upper envelopes of their own points; where two regimes'
-    envelopes cross (their constants, a few KiB at some length, or far below the counted
-    lengths) the regime without the technique bounds the one with it."""
+    """The counted figures of ``cfg``, kept in the order the techniques guarantee for the
+    whole (what is kept plus the working set on top): lean norms, the tiled MLP and
+    checkpointing never need more than without them, and a packed-rows mask, dropout, kbit
+    preparation or eager attention never less. Each regime's fits are upper envelopes of
+    their own points; where two regimes' envelopes cross (their constants, a few KiB at some
+    length, or far below the counted lengths) the other regime's figures stand in. Per-term
+    figures are not ordered (checkpointing keeps less but recomputes a larger working set)."""
     d = counted_dynamic(model, cfg, c)
     offs = [k for k in ("recompute_norms", "mlp_chunk", "grad_ckpt") if getattr(cfg, k)]
     for n in range(1, 1 << len(offs)):
@@ -519,18 +521,21 @@ def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
         if off.get("grad_ckpt") is False:
             off["offload_activations"] = False
         p = counted_dynamic(model, cfg.with_(**off), c)
-        d = replace(d, inputs=min(d.inputs, p.inputs), activations=min(d.activations, p.activations),
-                    transient=min(d.transient, p.transient))
-    # and the settings that only add tensors: at least the figures without them
+        if _whole(p) < _whole(d):
+            d = replace(p, regime=d.regime)
     more = [k for k, on in (("packed_rows", cfg.packed_rows), ("lora_dropout", cfg.lora_dropout > 0),
                             ("prepare", cfg.prepare == "kbit"),
                             ("attn", cfg.attn == "eager" and model.sdpa_supported)) if on]
     plain = {"packed_rows": False, "lora_dropout": 0.0, "prepare": "lean", "attn": "sdpa"}
     for k in more:
         u = _dominated(model, cfg.with_(**{k: plain[k]}), c)
-        d = replace(d, inputs=max(d.inputs, u.inputs), activations=max(d.activations, u.activations),
-                    transient=max(d.transient, u.transient))
+        if _whole(u) > _whole(d):
+            d = replace(u, regime=d.regime)
     return d
+
+
+def _whole(d: Dynamic) -> int:
+    return d.inputs + d.activations + d.transient
 
 
 # ---------------------------------------------------------------------------
