@@ -102,6 +102,9 @@ def todays_estimate(r: dict) -> float | None:
     from qplan.planner.config import TrainConfig
 
     cfg = TrainConfig.from_dict({**c, "packed_rows": r.get("data") == "packed"})
+    model = api.get_model(r["model"])
+    if cfg.attn == "sdpa" and not model.sdpa_supported:
+        return None  # Gemma 2 ran sdpa under transformers 5.17; qplan counts it with eager now
     return api.estimate(api.get_model(r["model"]), api.get_gpu(r["card"]), cfg,
                         use_calibration=False).memory.peak_gib
 
@@ -141,8 +144,9 @@ def report(paths: list[Path]) -> str:
               "tokens); the data's examples filled rows alone, so no mask was built: a safe-side "
               "error of the plan, not of the memory model (today's estimate for the rows as run).",
               "- gemma-2-9b: planned then with counts made under eager attention while the GPU's "
-              "transformers 5.17 ran sdpa. Today qplan plans Gemma 2 with eager attention (newer "
-              "transformers refuse sdpa for its soft-capped attention); not re-run yet."]
+              "transformers 5.17 ran sdpa. Today qplan plans and counts Gemma 2 with eager "
+              "attention (newer transformers refuse sdpa for its soft-capped attention), so that "
+              "run has no comparable estimate today (n/a); not re-run yet."]
     return "\n".join(lines) + "\n"
 
 

