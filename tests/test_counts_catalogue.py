@@ -52,10 +52,19 @@ def test_every_dense_model_is_counted_or_carries_the_analytic_band(name):
         assert m.band_bytes >= C.BAND_COUNTED * above + C.BAND_ANALYTIC * dynamic - 2
 
 
-def test_an_uncounted_model_says_so_in_the_output():
-    uncounted = [n for n in DENSE if counts_for(api.get_model(n)) is None]
-    if not uncounted:
-        pytest.skip("every catalogue model is counted")
-    r = CliRunner().invoke(cli, ["estimate", "--model", uncounted[0], "--gpu", "h200"],
+def test_an_uncounted_model_says_so_in_the_output(tmp_path):
+    """A config.json of a shape nothing was counted for (a user's own model) is planned from
+    the analytic terms, and the output says so and how to count it."""
+    import json as _json
+
+    cfg = dict(model_type="llama", hidden_size=3072, intermediate_size=9000, num_hidden_layers=20,
+               num_attention_heads=24, num_key_value_heads=8, vocab_size=50000,
+               max_position_embeddings=8192, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    r = CliRunner().invoke(cli, ["estimate", "--model", str(tmp_path / "config.json"), "--gpu", "h200"],
                            env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
     assert "no dry-run counts" in r.output and "qplan count" in r.output, r.output
+    r = CliRunner().invoke(cli, ["estimate", "--model", str(tmp_path / "config.json"), "--gpu",
+                                 "h200", "--json"])
+    assert _json.loads(r.output)["basis"] == "analytic"

@@ -179,10 +179,8 @@ def check_record(obj: Any, fmt: str) -> str | None:
     return None
 
 
-def load_records(path: str | Path, *, skip_bad_lines: bool = False
-                 ) -> tuple[str, list[tuple[str, dict]], list[BadRecord]]:
-    """``(format, [(where, record)], bad records)``; BadInputError on bad records unless
-    ``skip_bad_lines``, on a missing or unreadable file, or on no usable record."""
+def _data_path(path: str | Path) -> Path:
+    """``path`` checked: it exists, and is a JSONL file or a ``datasets`` directory."""
     p = Path(path).expanduser()
     if not p.exists():
         raise BadInputError(f"data {str(p)!r} does not exist; give a .jsonl file (one JSON "
@@ -190,9 +188,13 @@ def load_records(path: str | Path, *, skip_bad_lines: bool = False
     if p.is_file() and p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         raise BadInputError(f"data {str(p)!r}: unknown format {p.suffix or '(no extension)'!r}; "
                             "give a .jsonl file (one JSON object a line) or a `datasets` directory")
+    return p
+
+
+def _checked(p: Path, bad: list[BadRecord]) -> Iterator[tuple[str, dict, str]]:
+    """``(where, record, format)`` of each well-formed record of ``p`` (the format is the
+    first record's); malformed ones go to ``bad``."""
     fmt: str | None = None
-    good: list[tuple[str, dict]] = []
-    bad: list[BadRecord] = []
     try:
         for where, obj in _records(p):
             if isinstance(obj, BadRecord):
@@ -204,9 +206,12 @@ def load_records(path: str | Path, *, skip_bad_lines: bool = False
             if problem:
                 bad.append(BadRecord(where, problem))
             else:
-                good.append((where, obj))
+                yield where, obj, fmt or "text"
     except UnicodeDecodeError as e:
         raise BadInputError(f"data {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _refuse_bad(p: Path, good: int, bad: list[BadRecord], skip_bad_lines: bool) -> None:
     if bad and not skip_bad_lines:
         shown = "\n".join(f"  {b}" for b in bad[:MAX_SHOWN])
         more = f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
@@ -214,7 +219,19 @@ def load_records(path: str | Path, *, skip_bad_lines: bool = False
                             f"them, or pass --skip-bad-lines to leave them out:\n{shown}{more}")
     if not good:
         raise BadInputError(f"{p.name}: no usable records" + (f" ({len(bad)} bad)" if bad else ""))
-    return fmt or "text", good, bad
+
+
+def load_records(path: str | Path, *, skip_bad_lines: bool = False
+                 ) -> tuple[str, list[tuple[str, dict]], list[BadRecord]]:
+    """``(format, [(where, record)], bad records)``; BadInputError on bad records unless
+    ``skip_bad_lines``, on a missing or unreadable file, or on no usable record."""
+    p = _data_path(path)
+    bad: list[BadRecord] = []
+    fmt, good = "text", []
+    for where, obj, fmt in _checked(p, bad):
+        good.append((where, obj))
+    _refuse_bad(p, len(good), bad, skip_bad_lines)
+    return fmt, good, bad
 
 
 # ---------------------------------------------------------------------------
@@ -368,38 +385,13 @@ def scan_records(path: str | Path, *, skip_bad_lines: bool = False
                  ) -> tuple[str, int, list[BadRecord]]:
     """One streaming pass over the data: ``(format, good records, bad records)``, keeping
     only the bad ones. BadInputError as :func:`load_records` raises it."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise BadInputError(f"data {str(p)!r} does not exist; give a .jsonl file (one JSON "
-                            "object a line) or a `datasets` directory (save_to_disk)")
-    if p.is_file() and p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        raise BadInputError(f"data {str(p)!r}: unknown format {p.suffix or '(no extension)'!r}; "
-                            "give a .jsonl file (one JSON object a line) or a `datasets` directory")
-    fmt: str | None = None
-    good = 0
+    p = _data_path(path)
     bad: list[BadRecord] = []
-    try:
-        for where, obj in _records(p):
-            if isinstance(obj, BadRecord):
-                bad.append(obj)
-                continue
-            if fmt is None:
-                fmt = detect_format(obj)
-            problem = check_record(obj, fmt) if fmt else check_record(obj, "text")
-            if problem:
-                bad.append(BadRecord(where, problem))
-            else:
-                good += 1
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"data {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if bad and not skip_bad_lines:
-        shown = "\n".join(f"  {b}" for b in bad[:MAX_SHOWN])
-        more = f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
-        raise BadInputError(f"{p.name}: {len(bad)} bad record(s); the run did not start. Fix "
-                            f"them, or pass --skip-bad-lines to leave them out:\n{shown}{more}")
-    if not good:
-        raise BadInputError(f"{p.name}: no usable records" + (f" ({len(bad)} bad)" if bad else ""))
-    return fmt or "text", good, bad
+    fmt, good = "text", 0
+    for _, _, fmt in _checked(p, bad):
+        good += 1
+    _refuse_bad(p, good, bad, skip_bad_lines)
+    return fmt, good, bad
 
 
 # Examples packed together (trl's BFD runs over groups of this many, held as Arrow int32
