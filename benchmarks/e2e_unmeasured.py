@@ -105,7 +105,7 @@ def todays_estimate(r: dict) -> float | None:
     model = api.get_model(r["model"])
     if cfg.attn == "sdpa" and not model.sdpa_supported:
         return None  # Gemma 2 ran sdpa under transformers 5.17; qplan counts it with eager now
-    return api.estimate(api.get_model(r["model"]), api.get_gpu(r["card"]), cfg,
+    return api.estimate(model, api.get_gpu(r["card"]), cfg,
                         use_calibration=False).memory.peak_gib
 
 

@@ -137,7 +137,8 @@ def _fake_run(use_calibration=True):
     m, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4090")
     notes = []
     return SimpleNamespace(req=SimpleNamespace(use_calibration=use_calibration), profile=m,
-                           gpu=g, pm=None, notify=notes.append, notes=notes)
+                           gpu=g, pm=None, notify=notes.append, notes=notes,
+                           state=SimpleNamespace(data={}))
 
 
 def _attempt(measured: P.Measured | None, status="ok"):

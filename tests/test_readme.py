@@ -4,32 +4,21 @@ lines), run in order in one scratch folder, as a user would type them; paths int
 resolve to this checkout, files the commands write land in the scratch folder."""
 from __future__ import annotations
 
-import re
-import shlex
+import importlib.util
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from qplan.cli import cli
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
-BLOCK = re.compile(r"```\n(\$ qplan .*?)```", re.S)
+_spec = importlib.util.spec_from_file_location("readme_examples", ROOT / "tools" / "readme_examples.py")
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
 
 
 def blocks() -> list[list[tuple[str, list[str]]]]:
     """Each example block as [(command, lines shown after it), ...]."""
-    out = []
-    for text in BLOCK.findall(README.read_text()):
-        steps: list[tuple[str, list[str]]] = []
-        for line in text.splitlines():
-            if line.startswith("$ qplan "):
-                steps.append((line[2:], []))
-            else:
-                steps[-1][1].append(line)
-        out.append(steps)
-    return out
+    return tool.blocks(README.read_text())
 
 
 def _id(steps) -> str:
@@ -49,28 +38,19 @@ def test_block_parser_reads_multi_command_blocks():
 
 
 @pytest.mark.parametrize("steps", blocks(), ids=[_id(s) for s in blocks()])
-def test_readme_example_is_real_output(steps, monkeypatch, tmp_path):
+def test_readme_example_is_real_output(steps, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
-    (tmp_path / "tests").symlink_to(ROOT / "tests")
-    (tmp_path / "docs").mkdir()
-    monkeypatch.chdir(tmp_path)
-    for command, shown in steps:
-        r = CliRunner().invoke(cli, shlex.split(command)[1:])
-        got = [line.rstrip() for line in r.output.splitlines()]
-        missing = [line for line in shown if line != "..." and line.rstrip() not in got]
-        assert not missing, (f"README lines `{command}` no longer prints (regenerate the example "
-                             "with COLUMNS=100):\n" + "\n".join(missing))
-        assert r.exit_code in (0, 3), f"`{command}` failed ({r.exit_code}):\n{r.output}"
+    with tool.scratch():
+        for command, shown in steps:
+            code, got = tool.run(command)
+            missing = [line for line in shown if line != "..." and line.rstrip() not in got]
+            assert not missing, (f"README lines `{command}` no longer prints (regenerate the example "
+                                 "with COLUMNS=100):\n" + "\n".join(missing))
+            assert code in (0, 3), f"`{command}` failed ({code}):\n" + "\n".join(got)
 
 
 def test_the_regenerator_keeps_windows_of_long_outputs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_examples",
-                                                  ROOT / "tools" / "readme_examples.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = ["qplan estimate: m on g", "Settings", "│ x │", "│ saved activations │ 1 │", "peak 1"]
-    assert mod.select("qplan estimate --model m", out) == [
+    assert tool.select("qplan estimate --model m", out) == [
         "qplan estimate: m on g", "...", "│ saved activations │ 1 │", "peak 1"]
-    assert mod.select("qplan plot --model m", out) == out
+    assert tool.select("qplan plot --model m", out) == out

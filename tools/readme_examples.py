@@ -9,6 +9,7 @@ in WINDOWS (first lines, "...", then the window of each pattern). Run from the r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -31,13 +32,43 @@ WINDOWS: dict[str, list[tuple[str, str | None]]] = {
 }
 
 
-def run(command: str) -> list[str]:
+def blocks(text: str) -> list[list[tuple[str, list[str]]]]:
+    """Each example block of ``text`` as [(command, lines shown after it), ...]."""
+    out = []
+    for body in BLOCK.findall(text):
+        steps: list[tuple[str, list[str]]] = []
+        for line in body.splitlines():
+            if line.startswith("$ qplan "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+        out.append(steps)
+    return out
+
+
+@contextlib.contextmanager
+def scratch():
+    """A scratch folder to run a block in, as the current directory: ``tests/`` there is this
+    checkout's, ``docs/`` an empty folder for the files the commands write."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tests").symlink_to(ROOT / "tests")
+        (Path(tmp) / "docs").mkdir()
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(cwd)
+
+
+def run(command: str) -> tuple[int, list[str]]:
+    """(exit code, output lines) of ``qplan ...`` run in this process."""
     from click.testing import CliRunner
 
     from qplan.cli import cli
 
     r = CliRunner().invoke(cli, shlex.split(command)[1:])
-    return [line.rstrip() for line in r.output.splitlines()]
+    return r.exit_code, [line.rstrip() for line in r.output.splitlines()]
 
 
 def select(command: str, out: list[str]) -> list[str]:
@@ -60,24 +91,16 @@ def main() -> int:
     os.environ["COLUMNS"] = "100"
     readme = ROOT / "README.md"
     text = readme.read_text()
-    cwd = os.getcwd()
 
     def rewrite(m: re.Match) -> str:
-        commands = [line[2:] for line in m.group(1).splitlines() if line.startswith("$ qplan ")]
         lines = []
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "tests").symlink_to(ROOT / "tests")
-            (Path(tmp) / "docs").mkdir()
-            os.chdir(tmp)
-            try:
-                for c in commands:
-                    out = run(c)
-                    lines += [f"$ {c}"] + (select(c, out) if not c.startswith("qplan suggest")
-                                            or "--save" not in c else [])
-                    for png in (Path(tmp) / "docs").glob("*.png"):  # the README's figure
-                        (ROOT / "docs" / png.name).write_bytes(png.read_bytes())
-            finally:
-                os.chdir(cwd)
+        with scratch() as tmp:
+            for c, _ in blocks(m.group(0))[0]:
+                out = run(c)[1]
+                lines += [f"$ {c}"] + (select(c, out) if not c.startswith("qplan suggest")
+                                        or "--save" not in c else [])
+                for png in (tmp / "docs").glob("*.png"):  # the README's figure
+                    (ROOT / "docs" / png.name).write_bytes(png.read_bytes())
         return "```\n" + "\n".join(lines) + "\n```"
 
     new = BLOCK.sub(rewrite, text)

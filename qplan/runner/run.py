@@ -175,7 +175,7 @@ def rows_as_run(cfg: TrainConfig, data: dict | None) -> TrainConfig:
 
 def _estimate(r: Run, cfg: TrainConfig):
     """The planner's estimate of ``cfg`` for this run's rows (None when it cannot make one)."""
-    cfg = rows_as_run(cfg, getattr(getattr(r, "state", None), "data", None))
+    cfg = rows_as_run(cfg, r.state.data)
     try:
         return api.estimate(r.profile, r.gpu, cfg, pm=r.pm, use_calibration=r.req.use_calibration)
     except QplanError:
