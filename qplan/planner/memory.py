@@ -516,26 +516,35 @@ def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
     figures are not ordered (checkpointing keeps less but recomputes a larger working set)."""
     d = counted_dynamic(model, cfg, c)
     offs = [k for k in ("recompute_norms", "mlp_chunk", "grad_ckpt") if getattr(cfg, k)]
+    if cfg.loss == "fused":
+        offs.append("loss")
     for n in range(1, 1 << len(offs)):
-        off = {k: (0 if k == "mlp_chunk" else False) for i, k in enumerate(offs) if n >> i & 1}
+        off = {k: {"mlp_chunk": 0, "loss": "standard"}.get(k, False)
+               for i, k in enumerate(offs) if n >> i & 1}
         if off.get("grad_ckpt") is False:
             off["offload_activations"] = False
         p = counted_dynamic(model, cfg.with_(**off), c)
-        if _whole(p) < _whole(d):
+        if _whole(model, cfg, p) < _whole(model, cfg, d):
             d = replace(p, regime=d.regime)
     more = [k for k, on in (("packed_rows", cfg.packed_rows), ("lora_dropout", cfg.lora_dropout > 0),
                             ("prepare", cfg.prepare == "kbit"),
                             ("attn", cfg.attn == "eager" and model.sdpa_supported)) if on]
     plain = {"packed_rows": False, "lora_dropout": 0.0, "prepare": "lean", "attn": "sdpa"}
-    for k in more:
-        u = _dominated(model, cfg.with_(**{k: plain[k]}), c)
-        if _whole(u) > _whole(d):
+    lower = [cfg.with_(**{k: plain[k]}) for k in more]
+    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
+        # a tiled MLP still holds one chunk: never less than untiled at one chunk's length
+        lower.append(cfg.with_(mlp_chunk=0, seq_len=cfg.mlp_chunk))
+    for other in lower:
+        u = _dominated(model, other, c)
+        if _whole(model, cfg, u) > _whole(model, cfg, d):
             d = replace(u, regime=d.regime)
     return d
 
 
-def _whole(d: Dynamic) -> int:
-    return d.inputs + d.activations + d.transient
+def _whole(model: ModelProfile, cfg: TrainConfig, d: Dynamic) -> int:
+    """What ``d`` adds to ``cfg``'s peak: its figures and the allocator slack they bring."""
+    kept = d.inputs + d.activations
+    return kept + d.transient + allocator_overhead(model, cfg, kept, d.transient)
 
 
 # ---------------------------------------------------------------------------
