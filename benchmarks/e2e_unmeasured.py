@@ -34,6 +34,13 @@ CASES = [
     ("mistral-7b", "rtx-4060-ti-16gb", 4096, "packed"),
     ("gemma-2-9b", "rtx-4090", 8192, "packed"),
     ("qwen3-0.6b", "rtx-3060", "longest", "unpacked"),
+    # second set (stop 16): architectures, cards and lengths not run end to end before
+    ("qwen3-4b", "rtx-4070", 4096, "packed"),
+    ("llama-3.2-3b", "rtx-3060", 16384, "packed"),
+    ("olmo-2-7b", "rtx-4060-ti-16gb", 8192, "unpacked"),
+    ("qwen2.5-7b", "l4", 8192, "packed"),
+    ("gemma-3-4b", "rtx-3090", "longest", "packed"),
+    ("granite-3.3-8b", "rtx-5080", 4096, "unpacked"),
 ]
 
 
@@ -45,16 +52,24 @@ def qplan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: bool,
-         accum: int | None = None) -> dict:
-    d = work / f"{model}-{card}"
+         accum: int | None = None, knobs: tuple[str, ...] = (), model_dir: Path | None = None,
+         name: str | None = None) -> dict:
+    """One end-to-end case. ``knobs``: extra ``qplan suggest`` options (held fixed, as a
+    user's); ``model_dir``: a model built beforehand (kept), else one is built here and
+    deleted afterwards."""
+    d = work / (name or f"{model}-{card}")
     d.mkdir(parents=True)
     rec: dict = {"model": model, "card": card, "seq": seq, "data": kind}
+    if knobs:
+        rec["knobs"] = list(knobs)
     t0 = time.time()
-    mdir = d / "model"
-    build_model(model, 2 if cpu else None, mdir, "cpu" if cpu else "cuda")
+    mdir = model_dir or d / "model"
+    if model_dir is None:
+        build_model(model, 2 if cpu else None, mdir, "cpu" if cpu else "cuda")
     # the catalogue name, as a user would (on CPU the model is cut to 2 blocks: its folder)
     sug = ["suggest", "--model", str(mdir) if cpu else model, "--gpu", card, "--save", str(d / "plan.yaml"), "--json"]
     sug += ["--longest"] if seq == "longest" else ["--seq", str(seq)]
+    sug += list(knobs)
     p = qplan(*sug, cwd=d)
     if p.returncode:
         rec.update(status="suggest failed", stderr=p.stderr[-1500:])
@@ -88,7 +103,7 @@ def case(model: str, card: str, seq, kind: str, work: Path, steps: int, cpu: boo
     else:
         rec.update(status="no report", stderr=p.stderr[-2000:], stdout=p.stdout[-2000:])
     rec["wall_s"] = round(time.time() - t0, 1)
-    shutil.rmtree(d, ignore_errors=True)  # the model's weights: disk is short
+    shutil.rmtree(d, ignore_errors=True)  # the model's weights (when built here): disk is short
     return rec
 
 
@@ -159,6 +174,8 @@ def main() -> int:
     ap.add_argument("--grad-accum", type=int, help="run with this accumulation instead of the "
                     "plan's (the same micro-batches, fewer of them: the memory check is the same)")
     ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--deadline", type=float, default=0, help="start no case after this many "
+                    "seconds (0: no limit)")
     ap.add_argument("--report", action="store_true", help="write results/e2e_unmeasured.md from "
                     "the committed results/raw/h200_e2e*.jsonl")
     args = ap.parse_args()
@@ -169,7 +186,12 @@ def main() -> int:
     cases = [c for c in CASES if not args.only or c[0] in args.only.split(",")]
     work = Path(tempfile.mkdtemp(prefix="qplan-e2e-"))
 
+    t0 = time.time()
+
     def go(c):
+        if args.deadline and time.time() - t0 > args.deadline:
+            print(f"{c[0]} @ {c[1]}: not started (deadline)", flush=True)
+            return
         try:
             rec = case(*c, work, 2 if args.cpu_dry_run else args.steps, args.cpu_dry_run,
                        args.grad_accum)
