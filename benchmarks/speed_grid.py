@@ -53,8 +53,41 @@ GRID = {
     "qwen3-14b": (8, [dict(seq_len=1024, batch_size=1, grad_ckpt=True),
                       dict(seq_len=4096, batch_size=2, grad_ckpt=False, packed_rows=True)]),
 }
+# second grid (stop 16): models of the first left out, each at 2-4 batch sizes / lengths so
+# that a model's fixed cost per micro-batch and its cost per token separate
+_OFF = dict(grad_ckpt=True, offload_activations=True, mlp_chunk=2048, recompute_norms=True,
+            packed_rows=True)
+GRID2 = {
+    "smollm2-360m": (None, [dict(seq_len=2048, batch_size=1, grad_ckpt=False),
+                            dict(seq_len=2048, batch_size=8, grad_ckpt=False),
+                            dict(seq_len=8192, batch_size=1, grad_ckpt=True, packed_rows=True)]),
+    "qwen2.5-1.5b": (None, [dict(seq_len=2048, batch_size=1, grad_ckpt=False),
+                            dict(seq_len=2048, batch_size=4, grad_ckpt=False),
+                            dict(seq_len=4096, batch_size=2, grad_ckpt=True, packed_rows=True),
+                            dict(seq_len=16384, batch_size=1, **_OFF)]),
+    "gemma-2-2b": (None, [dict(seq_len=2048, batch_size=1, grad_ckpt=False, attn="eager"),
+                          dict(seq_len=4096, batch_size=2, grad_ckpt=True, attn="eager")]),
+    "phi-3.5-mini": (None, [dict(seq_len=2048, batch_size=1, grad_ckpt=False),
+                            dict(seq_len=2048, batch_size=4, grad_ckpt=True),
+                            dict(seq_len=8192, batch_size=1, grad_ckpt=True, packed_rows=True)]),
+    "qwen3-4b": (None, [dict(seq_len=1024, batch_size=1, grad_ckpt=False, loss="standard"),
+                        dict(seq_len=2048, batch_size=4, grad_ckpt=False),
+                        dict(seq_len=4096, batch_size=2, grad_ckpt=True, packed_rows=True)]),
+    "llama-3.1-8b": (8, [dict(seq_len=2048, batch_size=1, grad_ckpt=False),
+                         dict(seq_len=2048, batch_size=4, grad_ckpt=False),
+                         dict(seq_len=8192, batch_size=1, grad_ckpt=True, packed_rows=True),
+                         dict(seq_len=32768, batch_size=1, **_OFF)]),
+    "olmo-2-7b": (8, [dict(seq_len=2048, batch_size=2, grad_ckpt=False),
+                      dict(seq_len=4096, batch_size=4, grad_ckpt=True)]),
+    "gemma-3-12b": (8, [dict(seq_len=2048, batch_size=1, grad_ckpt=True),
+                        dict(seq_len=4096, batch_size=2, grad_ckpt=False)]),
+    "qwen2.5-14b": (8, [dict(seq_len=2048, batch_size=1, grad_ckpt=False),
+                        dict(seq_len=2048, batch_size=8, grad_ckpt=True),
+                        dict(seq_len=8192, batch_size=2, grad_ckpt=True, packed_rows=True)]),
+}
+GRIDS = {"1": GRID, "2": GRID2}
 # model/card/seq pairs of the ranking check, and the seeds' recipe comparison
-RANK = [("llama-3.1-8b", "rtx-4090", 2048, None)]
+RANK = [("llama-3.1-8b", "rtx-4090", 2048, None), ("qwen3-4b", "rtx-4070", 2048, None)]
 SEEDS_RECIPE = dict(seq_len=2048, batch_size=1, lora_rank=64, lora_alpha=16, lora_dropout=0.1,
                     grad_ckpt=True, prepare="kbit", loss="standard", optim="paged_adamw_8bit")
 
@@ -147,8 +180,8 @@ def time_config(model, profile, cfg, steps: int, warmup: int, device: str) -> di
 
 
 def rank_configs(model: str, card: str, seq: int, layers) -> list:
-    """The search's fitting candidates for the pair: the chosen plan, the 6 next fastest
-    by prediction, and every 4th of the rest (a spread), each once."""
+    """The search's fitting candidates for the pair: the chosen plan, the 4 next fastest
+    by prediction, and every 5th of the rest (a spread), each once."""
     from qplan import api
     from qplan.planner.search import search, usable_bytes
 
@@ -158,7 +191,7 @@ def rank_configs(model: str, card: str, seq: int, layers) -> list:
     limit = usable_bytes(g)
     fit = sorted((c for c in seen if c.memory.safe_peak_bytes <= limit),
                  key=lambda c: -c.speed.tokens_per_s)
-    pick = fit[:7] + fit[7::4]
+    pick = fit[:5] + fit[5::5]
     out, keys = [], set()
     for c in pick:
         k = tuple(sorted(c.config.to_dict().items(), key=lambda kv: kv[0]).__repr__())
@@ -222,6 +255,11 @@ def main() -> int:
     ap.add_argument("--rank", action="store_true")
     ap.add_argument("--seeds", action="store_true", help="the seeds' recipe and the auto plan, "
                     "Llama-3.1-8B at 2048 tokens")
+    ap.add_argument("--set", default="1", choices=sorted(GRIDS), help="which grid (--grid)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per configuration")
+    ap.add_argument("--rank-only", help="comma-separated models of the ranking check")
+    ap.add_argument("--deadline", type=float, default=0, help="start no model after this many s")
     ap.add_argument("--only", help="comma-separated models of the grid")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-dry-run", action="store_true")
@@ -243,27 +281,31 @@ def main() -> int:
     specs = []
     small = args.cpu_dry_run
     if args.grid:
-        for model, (layers, cfgs) in GRID.items():
+        for model, (layers, cfgs) in GRIDS[args.set].items():
             if args.only and model not in args.only.split(","):
                 continue
             if small:
                 layers, cfgs = 2, [{**c, "seq_len": 128, "batch_size": min(c["batch_size"], 2)}
                                    for c in cfgs[:1]]
             specs.append({"tag": "grid", "model": model, "layers": layers, "configs": cfgs,
-                          **({"steps": 1, "warmup": 1} if small else {})})
+                          **({"steps": 1, "warmup": 1} if small else
+                             {"steps": args.steps, "warmup": args.warmup})})
     if args.rank or args.seeds:
         from qplan import api
         from qplan.runner.planning import simulation
 
         if args.rank:
             for model, card, seq, layers in RANK:
+                if args.rank_only and model not in args.rank_only.split(","):
+                    continue
                 cfgs = rank_configs(model, card, seq, layers)
                 if small:
                     cfgs = [(c.with_(seq_len=128), ch, p) for c, ch, p in cfgs[:2]]
                 cap = simulation(api.get_gpu(card)).cap_bytes / 2**30
                 specs.append({"tag": f"rank:{card}", "model": model, "layers": 2 if small else layers,
                               "configs": [(c.to_dict(), ch, p) for c, ch, p in cfgs], "cap_gib": cap,
-                              **({"steps": 1, "warmup": 1} if small else {})})
+                              **({"steps": 1, "warmup": 1} if small else
+                                 {"steps": args.steps, "warmup": args.warmup})})
         if args.seeds:  # on H200 (no cap): the auto plan and the seeds' recipe
             from qplan.planner.config import TrainConfig
 
@@ -275,7 +317,8 @@ def main() -> int:
                 cfgs = [(c.with_(seq_len=128, batch_size=1), ch, p) for c, ch, p in cfgs]
             specs.append({"tag": "seeds", "model": "llama-3.1-8b", "layers": 2 if small else None,
                           "configs": [(c.to_dict(), ch, p) for c, ch, p in cfgs],
-                          **({"steps": 1, "warmup": 1} if small else {})})
+                          **({"steps": 1, "warmup": 1} if small else
+                                 {"steps": args.steps, "warmup": args.warmup})})
         # one child (one build of the model) for every spec of the same model and blocks
         merged: dict = {}
         for sp in [x for x in specs if x["tag"] != "grid"]:
@@ -283,7 +326,11 @@ def main() -> int:
             merged.setdefault(key, []).append(sp)
         specs = [x for x in specs if x["tag"] == "grid"] + [
             {"tag": "multi", "model": k[0], "layers": k[1], "parts": v} for k, v in merged.items()]
+    start = time.time()
     for spec in specs:
+        if args.deadline and time.time() - start > args.deadline:
+            print(f"{spec['tag']} {spec['model']}: not started (deadline)", flush=True)
+            continue
         t0 = time.time()
         cmd = [sys.executable, __file__, "--out", args.out, "--one", json.dumps(spec)]
         if args.cpu_dry_run:
