@@ -82,6 +82,10 @@ def test_breakdown_sums_to_peak(model, cfg):
 @FAST
 @given(models, configs(), st.integers(1, 4096))
 def test_longer_sequence_never_needs_less(model, cfg, extra):
+    # except across the MLP chunk: the runner tiles only a sequence longer than one chunk
+    # (qplan.runner.lowmem.tiled), and a tiled MLP keeps only its input, so one token past
+    # the chunk may keep less than the untiled chunk did
+    assume(not cfg.mlp_chunk or not cfg.seq_len <= cfg.mlp_chunk < cfg.seq_len + extra)
     never_less(model, cfg, seq_len=cfg.seq_len + extra)
 
 

@@ -531,9 +531,6 @@ def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
                             ("attn", cfg.attn == "eager" and model.sdpa_supported)) if on]
     plain = {"packed_rows": False, "lora_dropout": 0.0, "prepare": "lean", "attn": "sdpa"}
     lower = [cfg.with_(**{k: plain[k]}) for k in more]
-    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
-        # a tiled MLP still holds one chunk: never less than untiled at one chunk's length
-        lower.append(cfg.with_(mlp_chunk=0, seq_len=cfg.mlp_chunk))
     for other in lower:
         u = _dominated(model, other, c)
         if _whole(model, cfg, u) > _whole(model, cfg, d):
