@@ -116,8 +116,9 @@ def todays_estimate(r: dict) -> float | None:
     """This commit's peak (GiB, context included) for a result's plan, with the rows as its
     data had them (packed, or one example a row)."""
     c = r.get("plan")
-    if not c or r.get("status") != "ok":
-        return None
+    if not c or not (r.get("measured") or {}).get("nvml_peak_gib"):
+        return None  # a run that stopped before measuring a step (a run stopped after its
+        # first step, by the re-plan check or an OOM, measured at least that step)
     from qplan import api
     from qplan.planner.config import TrainConfig
 
@@ -166,7 +167,17 @@ def report(paths: list[Path]) -> str:
               "- gemma-2-9b: planned then with counts made under eager attention while the GPU's "
               "transformers 5.17 ran sdpa. Today qplan plans and counts Gemma 2 with eager "
               "attention (newer transformers refuse sdpa for its soft-capped attention), so that "
-              "run has no comparable estimate today (n/a); not re-run yet."]
+              "run has no comparable estimate today (n/a). Re-run with eager (e2e3): 8192 tokens "
+              "no longer fit a 24 GB card (eager attention's seq x seq scores: qplan refuses "
+              "with alternatives, e2e2), so 4096 tokens, batch 2: the plan's estimate was "
+              "13.6% under nvidia-smi and qplan run's re-plan check stopped it after the first "
+              "step (above estimate + band), before any OOM. The dry-run counts miss 3.9 bytes "
+              "a score element of eager attention; today's model adds 4 "
+              "(memory.eager_scores_shortfall): -2.7%. The only eager run measured: a single "
+              "point for the term.",
+              "- e2e2 'script error' rows: the GPU machine's disk filled while four models were "
+              "saved at once (the cases did not run); olmo-2-7b at 8192 was refused (its "
+              "context is 4096 tokens)."]
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,10 @@ ALLOC_FIXED_DEFAULT_GIB = 0.7
 # (FLOPs, bytes, launches) over the GPU's datasheet rate times an efficiency, or a fixed
 # time; fitted by least squares to steady-state step times measured on the H200
 # (benchmarks/speed_grid.py, results/speed_fit.md), held-out error reported there.
+# Bytes a score element (batch x heads x seq x seq) of eager attention's backward adds to the
+# counted figures: measured 3.88 (Gemma-2-9B, 4096 x 2, qplan run on the H200,
+# benchmarks/results/raw/h200_e2e3.jsonl), rounded up. See memory.eager_scores_shortfall.
+EAGER_SCORES_EXTRA_BYTES = 4.0
 EAGER_ATTENTION_EFFICIENCY = 0.5  # eager attention relative to the fused kernel (not measured)
 CHUNK_S = 0.0001  # per tiled-MLP chunk and block, forward and backward
 STEP_FIXED_S = 0.02  # per optimizer step: the optimizer's launches and the runner's own work
@@ -107,8 +111,12 @@ SPEED_COEFFICIENTS = {
     "attention": 2.918,
     "activations": 16.86,
     "linear_passes": 0.0005192,
+    "loss_chunks": 0,
     "micro_batch": 0,
 }
+# How much of the shorter of a micro-batch's GPU and host times adds to the longer one
+# (qplan.planner.speed.overlapped; 1 = no overlap). Written from results/speed_fit.json.
+SPEED_OVERLAP = 1.0
 DROPOUT_TIME_FACTOR = 1.03
 NORM_TIME_FACTOR = 1.02
 # Where the speed coefficients were measured, and how far predictions may be off there
