@@ -148,14 +148,31 @@ def test_a_fixed_setting_that_cannot_fit_raises(llama8b):
 @pytest.mark.parametrize("mname", MODELS)
 @pytest.mark.parametrize("seq", [512, 2048, 8192])
 def test_more_memory_never_gives_a_slower_plan(mname, seq):
-    """Same card speed, more memory: the search has a superset of fitting candidates."""
+    """Same card speed, more memory: the search has a superset of fitting candidates (and
+    may trade up to TECHNIQUE_SPEED_MARGIN of predicted speed for fewer techniques)."""
+    from qplan.planner.search import TECHNIQUE_SPEED_MARGIN
+
     m = api.get_model(mname)
-    prev = 0.0
+    best = 0.0
     for gib in (6, 8, 12, 16, 24, 32, 48, 80, 141):
         p = try_suggest(m, custom_gpu(gib), seq_len=seq)
         tps = p.speed.tokens_per_s if p else 0.0
-        assert tps >= prev, f"{gib} GiB slower than a smaller card"
-        prev = tps
+        assert tps * (1 + TECHNIQUE_SPEED_MARGIN) >= best, f"{gib} GiB slower than a smaller card"
+        best = max(best, tps)
+
+
+def test_fewer_techniques_win_within_the_margin():
+    """A technique must buy TECHNIQUE_SPEED_MARGIN of predicted speed to be chosen."""
+    from types import SimpleNamespace as NS
+
+    from qplan.planner.search import TECHNIQUE_SPEED_MARGIN, fastest
+
+    plain = NS(speed=NS(tokens_per_s=100.0), techniques=0)
+    near = NS(speed=NS(tokens_per_s=100.0 * (1 + TECHNIQUE_SPEED_MARGIN / 2)), techniques=2)
+    far = NS(speed=NS(tokens_per_s=100.0 * (1 + 2 * TECHNIQUE_SPEED_MARGIN)), techniques=2)
+    assert fastest([near, plain]) is plain
+    assert fastest([near, plain, far]) is far
+    assert fastest([]) is None
 
 
 def _at_least_as_good(big, small):

@@ -147,8 +147,8 @@ def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effecti
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     base = default_settings(model, gpu, flash_attn_available=flash_attn_available)
     limit = usable_bytes(gpu, capacity_bytes, reserve_bytes)
-    best: Candidate | None = None
     seen: list[Candidate] = []
+    fitting: list[Candidate] = []
     for cfg in candidates(model, gpu, seq_len, target_effective_batch, fixed, base):
         for pol in policies:
             cfg = pol(model, gpu, cfg)
@@ -163,7 +163,21 @@ def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effecti
             continue
         if host_ram_bytes is not None and cand.memory.host_pinned_bytes > 0.5 * host_ram_bytes:
             continue
-        key = (cand.speed.tokens_per_s, -cand.techniques)
-        if best is None or key > (best.speed.tokens_per_s, -best.techniques):
-            best = cand
-    return best, seen
+        fitting.append(cand)
+    return fastest(fitting), seen
+
+
+# A memory-saving technique must buy this much predicted speed to be chosen: the speed model
+# does not resolve smaller differences (results/speed_fit.md), and each technique changes
+# what runs (lean norms measured 40% slower than predicted on Qwen3-4B at batch 8).
+TECHNIQUE_SPEED_MARGIN = 0.03
+
+
+def fastest(cands: Sequence[Candidate]) -> Candidate | None:
+    """The fastest candidate, preferring fewer memory-saving techniques among those within
+    :data:`TECHNIQUE_SPEED_MARGIN` of the fastest (then the faster, then the first)."""
+    if not cands:
+        return None
+    top = max(c.speed.tokens_per_s for c in cands)
+    near = [c for c in cands if c.speed.tokens_per_s * (1 + TECHNIQUE_SPEED_MARGIN) >= top]
+    return min(near, key=lambda c: (c.techniques, -c.speed.tokens_per_s))

@@ -12,9 +12,12 @@ rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibrat
   mask makes the kernel a masked one, which does not);
 - :func:`activation_s`: memory-bound elementwise work (norms, activations, residual adds,
   rotary, LoRA adds), proportional to the bytes a block keeps per token;
-- :func:`launch_s`: fixed costs per block and per LoRA-wrapped linear for each pass (kernel
-  launches and Python in peft and bitsandbytes): what dominates small models and batches;
+- launches: fixed costs per LoRA-wrapped linear and per norm (:func:`norm_passes`) for each
+  pass, and per chunk of the fused loss (:func:`loss_chunks`) (kernel launches and Python in peft and bitsandbytes): what
+  dominates small models and batches;
 - :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
+- :func:`overlapped`: the host queues kernels while the GPU works, so host and GPU time
+  overlap (a fitted fraction of the shorter one adds to the longer);
 - and per optimizer step, :func:`optimizer_s` and the runner's own step overhead.
 
 On other GPUs the rates are the catalogue's datasheet figures and the fixed costs are the
@@ -181,6 +184,25 @@ def quantized_linears(model: ModelProfile) -> int:
     return len(model.linear_shapes())
 
 
+def norm_passes(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Norm modules run in one micro-batch: per block 2 (4 with Gemma's sandwich norms) and
+    the q/k norms (Qwen3, Gemma 3, OLMo 2), for each pass over the blocks, once more when
+    recomputed in backward (``recompute_norms``). Each is several small elementwise
+    kernels (Gemma's in float32): host-bound launches, like the LoRA-wrapped linears'."""
+    per_block = model.norms_per_layer + (2 if model.qk_norm_params else 0)
+    passes = _passes(cfg) + (1 if cfg.recompute_norms else 0)
+    return per_block * passes * model.num_hidden_layers
+
+
+def loss_chunks(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Chunks of the fused loss in one micro-batch (each a few small kernels, forward and
+    recomputed in backward: host-bound). A big vocabulary makes short chunks (Gemma 3's
+    262k logits a row: 64 rows a chunk), so many of them."""
+    if cfg.loss != "fused":
+        return 0
+    return -(-_tokens(cfg) // cfg.loss_chunk_rows(model.vocab_size))
+
+
 def speed_features(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> dict[str, float]:
     """One micro-batch's work in units a fitted coefficient turns into seconds: work over the
     GPU's datasheet rate (seconds at 100% of it) for the rate-bound terms, counts for the
@@ -198,6 +220,8 @@ def speed_features(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> di
         "attention": att,  # a masked kernel's work counts every product (no faster)
         "activations": activation_bytes(model, cfg) / bw,
         "linear_passes": float(passes * quantized_linears(model)),
+        "loss_chunks": float(loss_chunks(model, cfg)),
+        "norm_passes": float(norm_passes(model, cfg)),
         "micro_batch": 1.0,
     }
 
@@ -210,24 +234,37 @@ def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
     return 0.0
 
 
+def overlapped(gpu_s: float, host_s: float, overlap: float) -> float:
+    """One micro-batch's time from its GPU work and its host work (launches, Python): the
+    host queues kernels while the GPU runs earlier ones, so the longer of the two sets the
+    pace and ``overlap`` (fitted: 0 = fully hidden, 1 = not at all) of the shorter adds to
+    it. A big batch on a slow card is GPU-bound; a small one on a fast card, host-bound."""
+    return max(gpu_s, host_s) + overlap * min(gpu_s, host_s)
+
+
 def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
-                   coefficients: dict[str, float] | None = None) -> SpeedEstimate:
+                   coefficients: dict[str, float] | None = None,
+                   overlap: float | None = None) -> SpeedEstimate:
     """Predicted throughput of ``cfg`` on ``gpu``: the fitted coefficients times the
-    micro-batch's features, plus transfers, times the accumulation, plus the optimizer."""
+    micro-batch's features (GPU work and host work, :func:`overlapped`), plus transfers,
+    times the accumulation, plus the optimizer. The terms are each part's share of the
+    step (scaled by how much the overlap hides)."""
     k = C.SPEED_COEFFICIENTS if coefficients is None else coefficients
+    ov = C.SPEED_OVERLAP if overlap is None else overlap
     f = speed_features(model, cfg, gpu)
     part = {n: k.get(n, 0.0) * v for n, v in f.items()}
     tr = transfer_s(model, cfg, gpu)
-    launch = part["linear_passes"] + part["micro_batch"] + _fixed_s(model, cfg)
-    micro = (part["matmul"] + part["head"] + part["dequant"] + part["attention"]
-             + part["activations"] + launch + tr)
-    if cfg.lora_dropout > 0:
-        micro *= C.DROPOUT_TIME_FACTOR
-    if cfg.recompute_norms:
-        micro *= C.NORM_TIME_FACTOR
+    launch = (part["linear_passes"] + part["loss_chunks"] + part["norm_passes"] + part["micro_batch"]
+              + _fixed_s(model, cfg))
+    device = (part["matmul"] + part["head"] + part["dequant"] + part["attention"]
+              + part["activations"] + tr)
+    micro = overlapped(device, launch, ov)
+    share = micro / (device + launch) if device + launch else 1.0
+    factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
+    micro *= factor
     opt = optimizer_s(model, cfg, gpu)
     step = micro * cfg.grad_accum + opt
-    a = cfg.grad_accum
+    a = cfg.grad_accum * share * factor
     terms = (("matmul", part["matmul"] * a), ("output layer", part["head"] * a), ("dequant", part["dequant"] * a),
              ("attention", part["attention"] * a),
              ("activations", part["activations"] * a), ("launch", launch * a),
