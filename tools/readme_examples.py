@@ -28,7 +28,7 @@ WINDOWS: dict[str, list[tuple[str, str | None]]] = {
         (r"^rtx-4090", r"^rtx-4090"), (r"^How qplan reads it", r"^PyTorch's default allocator"),
         (r"^peak ", None)],
     "qplan check tests/fixtures/ecosystem/seed_trl": [(r"^To run faster", None)],
-    "qplan check train_trl": [(r"^To fit, option 1", None)],
+    "qplan check train_trl": [(r"^(To fit, option 1|No edit)", None)],
 }
 
 
@@ -77,7 +77,10 @@ def select(command: str, out: list[str]) -> list[str]:
         return out
     shown, i = [out[0]], 1
     for first, last in spec:
-        j = next(k for k in range(i, len(out)) if re.search(first, out[k]))
+        j = next((k for k in range(i, len(out)) if re.search(first, out[k])), None)
+        if j is None:
+            raise SystemExit(f"{command!r}: no line matches the window {first!r} in its "
+                             "output:\n" + "\n".join(out))
         if j > i:
             shown.append("...")
         end = len(out) - 1 if last is None else next(
