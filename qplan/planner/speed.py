@@ -104,15 +104,23 @@ def dequant_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
 
 def attention_flops(model: ModelProfile, cfg: TrainConfig) -> float:
     """QK^T and AV for every block: forward, backward (about 2.5 forwards) and recompute.
-    A causal kernel computes half the products; with a packed-rows mask (sdpa, eager) the
-    kernel is a masked one, which computes all of them."""
+    A causal kernel computes half the products; a masked one computes all of them: with a
+    packed-rows mask (sdpa, eager), in eager attention (it always does), and in
+    sliding-window layers once the sequence reaches the window (transformers builds a mask
+    for them, :func:`qplan.planner.memory._windowed`)."""
+    from qplan.planner.memory import _windowed
+
     t = _tokens(cfg)
-    full = 4.0 * cfg.seq_len * model.q_size * t * model.num_hidden_layers
-    masked = cfg.packed_rows and cfg.attn != "flash_attention_2"
-    fwd = full if masked else full / 2
+    per_layer = 4.0 * cfg.seq_len * model.q_size * t
+    layers = model.num_hidden_layers
+    if (cfg.packed_rows and cfg.attn != "flash_attention_2") or cfg.attn == "eager":
+        masked = layers
+    elif _windowed(model, cfg) and cfg.attn != "flash_attention_2":
+        masked = min(layers, model.layer_kinds().get("sliding_attention", 0))
+    else:
+        masked = 0
+    fwd = per_layer * (masked + (layers - masked) / 2)
     return fwd * (1 + 2.5 + (1 if cfg.grad_ckpt else 0))
-
-
 
 
 def activation_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
