@@ -170,6 +170,7 @@ CASES = [
     ("suggest-vram-negative", ["suggest", *M("--vram", "-1")], 2, ["--vram must be a positive"]),
     ("suggest-vram-inf", ["suggest", *M("--vram", "inf")], 2, ["--vram must be a positive", "inf"]),
     ("suggest-vram-nan", ["suggest", *M("--vram", "nan")], 2, ["--vram must be a positive", "nan"]),
+    ("suggest-vram-huge", ["suggest", *M("--vram", "1e9")], 2, ["--vram must be a positive", "up to 4096"]),
     ("suggest-vram-above-card", ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4060", "--vram", "80"], 2, ["more than rtx-4060's 8 GiB", "--gpu 80GB"]),
     ("suggest-optim", ["suggest", *M("--optim", "sgd")], 2, ["'sgd' is not one of"]),
     ("suggest-batch-0", ["suggest", *M("--batch", "0")], 2, ["--batch"]),

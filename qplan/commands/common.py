@@ -183,9 +183,9 @@ reserve_option = click.option(
 def _check_vram(vram: float | None) -> None:
     from qplan.errors import BadInputError
 
-    if vram is not None and not (math.isfinite(vram) and vram > 0):
-        raise BadInputError(f"--vram must be a positive number of GiB, such as 8 or 11.5 "
-                            f"(got {vram:g})")
+    if vram is not None and not (math.isfinite(vram) and 0 < vram <= 4096):
+        raise BadInputError(f"--vram must be a positive number of GiB up to 4096, such as 8 "
+                            f"or 11.5 (got {vram:g})")
 
 
 def _cap(vram: float | None, card: str, card_bytes: int, notes: list[str]) -> int | None:
