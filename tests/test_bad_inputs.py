@@ -215,6 +215,8 @@ CASES = [
     # ---- run ---------------------------------------------------------------------------
     ("run-no-model", ["run", "--data", "{data}"], 2, ["--model is required"]),
     ("run-no-data", ["run", "--model", "{tiny}"], 2, ["--data is required"]),
+    ("run-gpus-accum", ["run", "--model", "{tiny}", "--data", "{data}", "--cpu", "--output", "{new}", "--batch", "1", "--grad-accum", "4", "--gpus", "3"], 2, ["multiple of 3", "--grad-accum 6"]),
+    ("run-gpus-zero", ["run", "--model", "{tiny}", "--data", "{data}", "--cpu", "--output", "{new}", "--gpus", "0"], 2, ["--gpus"]),
     ("run-model-missing", ["run", "--model", "./no/such/model", "--data", "{data}", "--cpu", "--output", "{new}"], 2, ["no such file or directory"]),
     ("run-model-a-file", ["run", "--model", "{data}", "--data", "{data}", "--cpu", "--output", "{new}"], 2, ["is a file"]),
     ("run-model-no-config", ["run", "--model", "{nocfg}", "--data", "{data}", "--cpu", "--output", "{new}"], 2, ["has no config.json"]),

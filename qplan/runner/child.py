@@ -92,7 +92,7 @@ def _load(spec: P.AttemptSpec, fp):
 
     cfg, cuda = spec.settings, spec.device == "cuda"
     tok = AutoTokenizer.from_pretrained(str(Path(spec.run_dir) / "tokenizer"))
-    model = T.load_model(spec.model_path, cfg, device_map={"": 0} if cuda else None)
+    model = T.load_model(spec.model_path, cfg, device_map={"": local_rank()} if cuda else None)
     T.prepare_for_training(model, cfg)
     set_seed(spec.seed)  # the LoRA initialization (a resumed attempt loads the checkpoint's)
     model = T.add_lora(model, api.get_model(spec.model_ref), cfg)
@@ -102,12 +102,22 @@ def _load(spec: P.AttemptSpec, fp):
     return tok, model, optimizer, simulate
 
 
+def rank() -> int:
+    """This process's data-parallel rank (``qplan run --gpus N``), 0 when alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _simulate(s: P.Simulation) -> P.Simulation:
     import torch
 
-    total = torch.cuda.get_device_properties(0).total_memory
+    dev = local_rank()
+    total = torch.cuda.get_device_properties(dev).total_memory
     frac = min(1.0, s.cap_bytes / total)
-    torch.cuda.set_per_process_memory_fraction(frac, 0)
+    torch.cuda.set_per_process_memory_fraction(frac, dev)
     return dataclasses.replace(s, fraction=round(frac, 5), device_total_bytes=total)
 
 
@@ -168,7 +178,7 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
     from qplan.runner.trainer_compat import check
 
     check()
-    fp = F.Failpoints(F.from_env(), spec.attempt)
+    fp = F.Failpoints(F.from_env(), spec.attempt, rank())
     monitor = MemoryMonitor(spec.device == "cuda").start()
     tok, model, optimizer, simulate = _load(spec, fp)
     train_ds, eval_ds, per_step = _datasets(spec, tok)
@@ -221,7 +231,8 @@ def _ending(trainer, ctx, model, oom: str | None, fp) -> tuple[str, dict[str, An
     if ctx.interrupted:
         return INTERRUPTED, dict(signal=ctx.stop.signal_name)
     fp.fire("end", trainer.state.global_step)
-    trainer.save_model(ctx.spec.run_dir)
+    if rank() == 0:
+        trainer.save_model(ctx.spec.run_dir)
     return OK, {}
 
 
@@ -233,7 +244,7 @@ def _save_after_oom(trainer, ctx, model) -> None:
     from qplan.runner.techniques import free_cached_memory
 
     step = trainer.state.global_step
-    if ctx.phase == "optimizer" or step <= ctx.start_step:
+    if ctx.phase == "optimizer" or step <= ctx.start_step or rank() != 0:
         return
     try:
         model.zero_grad(set_to_none=True)

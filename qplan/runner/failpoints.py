@@ -19,6 +19,7 @@ Keys (all optional; a missing key matches anything):
 * ``attempt``: the attempt number (1 = first training process of the run; attempt
   numbers continue across ``--resume``).
 * ``step``: the optimizer step (1-based) during which it fires.
+* ``rank``: the data-parallel rank (``qplan run --gpus N``; 0 is the only rank otherwise).
 * ``phase``: ``train`` (default: at the first micro-batch of ``step``), ``eval`` (at the
   first evaluation batch after ``step`` was done), or ``save`` (while the checkpoint of
   ``step`` is written: after its files were renamed into place, before its COMPLETE
@@ -43,7 +44,7 @@ ENV = "QPLAN_FAILPOINTS"
 ACTIONS = ("oom", "kill", "sigterm", "hang")
 HANG_S = 600  # long enough for a test to do something to the run meanwhile
 PHASES = ("train", "eval", "save", "load", "end")
-KEYS = ("attempt", "step", "phase")
+KEYS = ("attempt", "step", "phase", "rank")
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,12 @@ class Failpoint:
     attempt: int | None = None
     step: int | None = None
     phase: str = "train"
+    rank: int | None = None
 
-    def matches(self, *, phase: str, attempt: int, step: int) -> bool:
+    def matches(self, *, phase: str, attempt: int, step: int, rank: int = 0) -> bool:
         return (self.phase == phase and (self.attempt is None or self.attempt == attempt)
-                and (self.step is None or self.step == step))
+                and (self.step is None or self.step == step)
+                and (self.rank is None or self.rank == rank))
 
 
 def parse(spec: str) -> tuple[Failpoint, ...]:
@@ -97,15 +100,17 @@ def from_env(environ=None) -> tuple[Failpoint, ...]:
 class Failpoints:
     """The failpoints of one attempt; :meth:`fire` is called at each instrumented place."""
 
-    def __init__(self, points: tuple[Failpoint, ...], attempt: int):
+    def __init__(self, points: tuple[Failpoint, ...], attempt: int, rank: int = 0):
         self.points = points
         self.attempt = attempt
+        self.rank = rank
 
     def fire(self, phase: str, step: int) -> None:
         for fp in self.points:
-            if not fp.matches(phase=phase, attempt=self.attempt, step=step):
+            if not fp.matches(phase=phase, attempt=self.attempt, step=step, rank=self.rank):
                 continue
-            where = f"{phase} of step {step}, attempt {self.attempt}"
+            where = f"{phase} of step {step}, attempt {self.attempt}" + (
+                f", rank {self.rank}" if self.rank else "")
             if fp.action == "oom":
                 import torch
 

@@ -215,6 +215,8 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm,
                             use_calibration=req.use_calibration)
     cfg = setup.plan.config
+    planning.check_world_size(cfg, req.gpus)
+    _check_gpus(req, setup.device)
     offline = _go_offline(model.local)
     if offline:
         notes.append("the Hugging Face Hub cannot be reached: using the local hub cache only "
@@ -237,6 +239,19 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
         raise
     _announce(state, setup, req, run_dir, notify)
     return run_dir, state, lock
+
+
+def _check_gpus(req: RunRequest, device: str) -> None:
+    """``--gpus N`` on CUDA needs N visible GPUs (one process each)."""
+    if req.gpus > 1 and device == "cuda":
+        from qplan.planner.hardware import probe
+
+        n = len(probe(gpus=api.catalog().gpus).gpus)
+        if n < req.gpus:
+            raise BadInputError(
+                f"--gpus {req.gpus} starts one training process per GPU, but {n} GPU(s) are "
+                f"visible (CUDA_VISIBLE_DEVICES); give --gpus {n} or fewer, or --cpu to run "
+                "the processes on the CPU")
 
 
 def _default_output(model: str) -> Path:

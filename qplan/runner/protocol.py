@@ -125,6 +125,9 @@ class AttemptSpec:
     # the child stops after its first step when it measured more than this (NVML, context
     # included: the estimate plus its uncertainty band): a re-plan before an OOM
     replan_above_gib: float | None = None
+    # data-parallel training processes (DDP; rank from the RANK environment variable): each
+    # runs grad_accum / world_size micro-batches of every optimizer step
+    world_size: int = 1
     protocol: int = VERSION
 
 

@@ -238,7 +238,14 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
         predicted_tokens_per_s=(round(est.speed.tokens_per_s, 1)
                                 if est and s.device == "cuda" else None),
         replan_above_gib=(round(est.memory.peak_gib + est.memory.band_gib, 3)
-                          if est and s.device == "cuda" else None))
+                          if est and s.device == "cuda" else None),
+        world_size=_world_size(r))
+
+
+def _world_size(r: Run) -> int:
+    """The data-parallel processes of the next attempt (``--gpus``)."""
+    planning.check_world_size(r.cfg, r.req.gpus)
+    return r.req.gpus
 
 
 def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[str, str]:
@@ -273,17 +280,54 @@ def _attempt(r: Run, spec: P.AttemptSpec) -> rundir.AttemptRecord:
                 if spec.estimated_peak_gib is not None else "")
              + (f"; from checkpoint step {spec.resumed_from}" if spec.resume_from else ""))
     t0 = time.time()
-    proc = supervise.start(adir / "attempt.json", _child_env(spec.settings, r.plan_env(),
-                                                              spec.device), (r.lock.fd,),
-                           stdout=r.child_stdout)
-    r.lock.update(child_pid=proc.pid)
-    rc = supervise.wait(proc)
+    env = _child_env(spec.settings, r.plan_env(), spec.device)
+    if spec.world_size > 1:
+        rc = _attempt_ranks(r, spec, adir, env)
+    else:
+        proc = supervise.start(adir / "attempt.json", env, (r.lock.fd,), stdout=r.child_stdout)
+        r.lock.update(child_pid=proc.pid)
+        rc = supervise.wait(proc)
     r.lock.update(child_pid=None)
     P.write(adir / "exit.json", P.AttemptExit(
         exit_code=rc, wall_s=round(time.time() - t0, 2),
         signal=signal.Signals(-rc).name if rc < 0 else None))
     (rec,) = [a for a in rundir.load_attempts(r.dir) if a.spec.attempt == spec.attempt]
     return rec
+
+
+def _attempt_ranks(r: Run, spec: P.AttemptSpec, adir: Path, env: dict[str, str]) -> int:
+    """One attempt as ``spec.world_size`` data-parallel processes (rank 0 in the attempt's
+    folder, rank k in its ``rank{k}`` subfolder): when one ends badly the others are stopped
+    (they would wait for it in the gradient all-reduce); the attempt's result is rank 0's,
+    or the first failed rank's when rank 0 left none. Returns the attempt's exit code."""
+    specs = [adir / "attempt.json"]
+    for k in range(1, spec.world_size):
+        d = adir / f"rank{k}"
+        d.mkdir()
+        P.write(d / "attempt.json", dataclasses.replace(spec, attempt_dir=str(d.resolve())))
+        specs.append(d / "attempt.json")
+    procs = supervise.start_ranks(specs, env, (r.lock.fd,), stdout=r.child_stdout)
+    r.lock.update(child_pid=procs[0].pid)
+    codes, first = supervise.wait_ranks(procs)
+    if first is None:
+        return 0
+    # the rank that ran out of memory, not a peer that then saw the collective break
+    dirs = [adir] + [adir / f"rank{k}" for k in range(1, spec.world_size)]
+    oom = [k for k, d in enumerate(dirs) if _status(d / "result.json") == OOM]
+    first = oom[0] if oom else first
+    other = adir / f"rank{first}" / "result.json"
+    if first and other.exists():  # rank 0 only saw its peer go (a collective broke)
+        if (adir / "result.json").exists():
+            (adir / "result.json").rename(adir / "result.rank0.json")
+        (adir / "result.json").write_text(other.read_text())
+    return codes[first]
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return P.read(P.AttemptResult, path).status
+    except (OSError, P.ProtocolError):
+        return None
 
 
 def _next_plan(r: Run, history: list[rundir.AttemptRecord]) -> bool:

@@ -65,6 +65,80 @@ def wait(proc: subprocess.Popen) -> int:
         os.close(proc.qplan_lifeline)  # type: ignore[attr-defined]
 
 
+def start_ranks(spec_paths: list[Path], env: dict[str, str], keep_fds: tuple[int, ...] = (),
+                stdout: int | None = None) -> list[subprocess.Popen]:
+    """One training process per spec, as the ranks of one data-parallel group
+    (``torch.distributed``'s environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT on a free local port)."""
+    n = len(spec_paths)
+    base = {**env, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
+    # the cores shared out (torch would take them all in each process)
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    procs: list[subprocess.Popen] = []
+    try:
+        for k, path in enumerate(spec_paths):
+            procs.append(start(path, {**base, "RANK": str(k), "LOCAL_RANK": str(k)}, keep_fds,
+                               stdout=stdout if k == 0 else subprocess.DEVNULL))
+    except BaseException:
+        for q in procs:
+            q.kill()
+            os.close(q.qplan_lifeline)  # type: ignore[attr-defined]
+        raise
+    return procs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RANK_GRACE_S = 5.0
+
+
+def wait_ranks(procs: list[subprocess.Popen]) -> tuple[list[int], int | None]:
+    """Wait for every rank. When one ends badly the others are given RANK_GRACE_S to end
+    (they wait for it in a collective), then killed. Returns the exit codes and the rank
+    that ended badly first (None when all ended well). Ctrl-C and SIGTERM reach every rank
+    (same process group; SIGTERM is forwarded)."""
+    import time
+
+    def on_term(signum, _frame):
+        for q in procs:
+            if q.poll() is None:
+                q.send_signal(signal.SIGTERM)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = ({s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_term),
+                                                (signal.SIGINT, lambda *_: None))}
+           if main else {})
+    first: int | None = None
+    try:
+        deadline = None
+        while any(q.poll() is None for q in procs):
+            if first is None:
+                first = next((k for k, q in enumerate(procs)
+                              if q.returncode not in (None, 0)), None)
+                if first is not None:
+                    deadline = time.monotonic() + RANK_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()
+            time.sleep(0.05)
+        if first is None:
+            first = next((k for k, q in enumerate(procs) if q.returncode != 0), None)
+        return [q.returncode for q in procs], first
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for q in procs:
+            os.close(q.qplan_lifeline)  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------
 # in the child
 def _die() -> None:

@@ -131,6 +131,9 @@ class QplanTrainer(Trainer):
             model, ctx.cfg, inputs["input_ids"], inputs["labels"],
             position_ids=inputs["position_ids"],
             step_tokens=ctx.step_tokens[step - 1] if model.training else None)
+        if model.training and ctx.spec.world_size > 1:
+            # each rank's share of the step's token mean; DDP averages the ranks' gradients
+            loss = loss * ctx.spec.world_size
         if model.training:
             ctx.micro.append(index)
             ctx.rows += rows
@@ -140,6 +143,8 @@ class QplanTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         ctx, step = self.ctx, self.state.global_step
+        if int(os.environ.get("RANK", "0")):
+            return  # data-parallel ranks hold the same weights and optimizer: rank 0 saves
 
         def fill(tmp: Path) -> None:
             self.save_model(str(tmp), _internal_call=True)
@@ -164,6 +169,29 @@ class QplanTrainer(Trainer):
         # another optimizer than the checkpoint's: keep its learning-rate schedule only
         self.lr_scheduler.load_state_dict(
             torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+def _all_ranks(c: Context) -> None:
+    """The step's loss and tokens over every data-parallel rank (each saw its share of the
+    step's micro-batches; its loss was scaled by the world size for DDP's mean)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(c.step_loss) / c.spec.world_size, float(c.tokens_this_step)],
+                     dtype=torch.float64)
+    dev = c.spec.device
+    t = t.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if dev == "cuda" else "cpu")
+    dist.all_reduce(t)
+    c.step_loss, c.tokens_this_step = float(t[0]), int(t[1])
+    parts: list = [None] * c.spec.world_size
+    dist.all_gather_object(parts, (c.micro, c.rows))
+    # the step's micro-batches in the run's order: the k-th goes to rank k mod world_size
+    micro, rows = [], []
+    for j in range(max(len(m) for m, _ in parts)):
+        for m, r in parts:
+            if j < len(m):
+                micro.append(m[j])
+                rows += r[j * len(m[j]):(j + 1) * len(m[j])]
+    c.micro, c.rows = micro, rows
 
 
 def check_first_step(c: Context) -> None:
@@ -206,6 +234,8 @@ class QplanCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         c = self.ctx
+        if c.spec.world_size > 1:
+            _all_ranks(c)
         c.step_loss = float(c.step_loss)  # waits for the step to finish on the GPU
         dt = now() - c.t_step
         c.steps.append((c.tokens_this_step, dt))
@@ -234,10 +264,14 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
     from transformers import TrainingArguments
 
     cfg = spec.settings
+    ddp = {}
+    if spec.world_size > 1:  # each rank runs its share of the step's micro-batches
+        ddp = dict(ddp_backend="nccl" if cuda else "gloo", ddp_find_unused_parameters=False,
+                   average_tokens_across_devices=False)
     return TrainingArguments(
         output_dir=str(Path(spec.attempt_dir) / "trainer"),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, max_steps=spec.total_steps,
+        gradient_accumulation_steps=cfg.grad_accum // spec.world_size, max_steps=spec.total_steps,
         learning_rate=spec.lr, lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_steps, max_grad_norm=spec.max_grad_norm, logging_steps=1,
         save_strategy="steps", save_steps=spec.save_steps,
@@ -246,4 +280,4 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
         remove_unused_columns=False, bf16=cfg.compute_dtype == "bf16",
         fp16=cfg.compute_dtype == "fp16" and cuda, use_cpu=not cuda, seed=spec.seed,
         dataloader_num_workers=0, dataloader_pin_memory=cuda, prediction_loss_only=True,
-        log_level="error", train_sampling_strategy="sequential")
+        log_level="error", train_sampling_strategy="sequential", **ddp)

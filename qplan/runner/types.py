@@ -56,6 +56,9 @@ class RunRequest:
     simulate_gpu: str | None = None
     gpu: str | None = None
     cpu: bool = False
+    # training processes, one per GPU (on CPU: processes), data-parallel (DDP); each optimizer
+    # step's accumulation is split across them, so the effective batch is the plan's
+    gpus: int = 1
     resume: str | None = None
     progress: bool = True
     use_calibration: bool = True  # --calibration/--no-calibration
@@ -85,7 +88,8 @@ class RunRequest:
         for flag, v, lo in (("--max-steps", self.max_steps, 1), ("--save-steps", self.save_steps, 1),
                             ("eval_steps", self.eval_steps, 1), ("--max-attempts", self.max_attempts, 1),
                             ("keep_checkpoints", self.keep_checkpoints, 1),
-                            ("--effective-batch", self.effective_batch, 1)):
+                            ("--effective-batch", self.effective_batch, 1),
+                            ("--gpus", self.gpus, 1)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 p.append(f"{flag} must be an integer >= {lo} (got {v!r})")
         if self.lr_scheduler not in LR_SCHEDULERS:
