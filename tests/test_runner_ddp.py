@@ -63,7 +63,9 @@ def test_two_processes_match_one(tmp_path, model_dir, data, single):
         assert r["positions"] == single[k]["positions"]
         assert r["tokens"] == single[k]["tokens"]
         assert r["loss"] == pytest.approx(single[k]["loss"], abs=1e-4)
-    assert (out / "attempts" / "1" / "rank1" / "result.json").exists()  # a second process ran
+    # transformers' accelerator wrapped the model in DDP over two processes
+    assert json.loads((out / "attempts" / "1" / "result.json").read_text())["parallel"] == "ddp x2"
+    assert (out / "attempts" / "1" / "rank1" / "result.json").exists()
     assert (out / "adapter_model.safetensors").exists()
 
 

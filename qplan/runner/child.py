@@ -198,7 +198,15 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
         tokens_per_s=speed, steady_tokens_per_s=steady, evals=ctx.evals,
         measured=monitor.report(), simulate=simulate,
         checkpoint_saved=CK.is_complete(Path(spec.run_dir) / "checkpoints" / CK.name_for(step)),
-        **extra)
+        parallel=_parallel(trainer) if spec.world_size > 1 else None, **extra)
+
+
+def _parallel(trainer) -> str:
+    """How transformers' accelerator ran the ranks ("ddp x2"): a check that they did."""
+    acc = trainer.accelerator
+    kind = "fsdp" if getattr(trainer, "is_fsdp_enabled", False) else (
+        "ddp" if acc.num_processes > 1 else "single")
+    return f"{kind} x{acc.num_processes}"
 
 
 def _announce(spec: P.AttemptSpec, progress) -> None:

@@ -143,8 +143,6 @@ class QplanTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         ctx, step = self.ctx, self.state.global_step
-        if int(os.environ.get("RANK", "0")):
-            return  # data-parallel ranks hold the same weights and optimizer: rank 0 saves
 
         def fill(tmp: Path) -> None:
             self.save_model(str(tmp), _internal_call=True)
@@ -152,6 +150,13 @@ class QplanTrainer(Trainer):
             self._save_scaler(str(tmp))
             self._save_rng_state(str(tmp))
             self.state.save_to_json(str(tmp / "trainer_state.json"))
+
+        ranks = ctx.spec.world_size > 1
+        if ranks:
+            fill = _gathered(ctx, step, fill)
+            if fill is None:  # not rank 0: its part is written; wait for the checkpoint
+                _barrier()
+                return
 
         spec = ctx.spec
         state = {"step": step, "attempt": spec.attempt, "settings": ctx.cfg.to_dict(),
@@ -162,6 +167,8 @@ class QplanTrainer(Trainer):
         CK.write(root, step, fill, state, before_marker=lambda: ctx.fp.fire("save", step))
         CK.rotate(root, spec.keep_checkpoints)
         ctx.progress.line(f"checkpoint saved: step {step}")
+        if ranks:
+            _barrier()
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         if checkpoint is None or self.ctx.spec.load_optimizer:
@@ -169,6 +176,42 @@ class QplanTrainer(Trainer):
         # another optimizer than the checkpoint's: keep its learning-rate schedule only
         self.lr_scheduler.load_state_dict(
             torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _gathered(c: Context, step: int, fill):
+    """A checkpoint of several ranks: every rank writes its part (Trainer writes the weights,
+    optimizer and schedule on rank 0, each rank its random state) into one folder that rank 0
+    chose; rank 0 then makes the checkpoint of it as usual (fsync, rename, marker). Returns
+    rank 0's fill (moves the folder's files), None on the other ranks."""
+    import shutil
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    shared = [str(Path(c.spec.run_dir) / "checkpoints" / f".tmp-ranks-{CK.name_for(step)}-{os.getpid()}")]
+    dist.broadcast_object_list(shared, src=0)
+    tmp = Path(shared[0])
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    fill(tmp)
+    dist.barrier()
+    if rank:
+        return None
+
+    def move(dest: Path) -> None:
+        for f in tmp.iterdir():
+            shutil.move(str(f), str(dest / f.name))
+        tmp.rmdir()
+
+    return move
 
 
 def _all_ranks(c: Context) -> None:
