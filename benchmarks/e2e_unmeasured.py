@@ -130,6 +130,17 @@ def todays_estimate(r: dict) -> float | None:
                         use_calibration=False).memory.peak_gib
 
 
+def figures(r: dict) -> tuple[dict, dict, float | None, float | None, str, str]:
+    """A result's plan, estimate, measured NVML peak, estimated peak, the estimate's error and
+    today's estimate with its error (as the reports print them)."""
+    c, est, m = r.get("plan") or {}, r.get("estimate") or {}, r.get("measured") or {}
+    nv, e = m.get("nvml_peak_gib"), est.get("peak_gib")
+    err = f"{(e - nv) / nv * 100:+.1f}%" if nv and e else "n/a"
+    t = todays_estimate(r)
+    now = f"{t:.2f} ({(t - nv) / nv * 100:+.1f}%)" if t is not None and nv else "n/a"
+    return c, est, nv, e, err, now
+
+
 def report(paths: list[Path]) -> str:
     """A table of committed e2e results (``results/raw/h200_e2e*.jsonl``)."""
     lines = ["# End to end on unmeasured model/card pairs (H200, `--simulate-gpu`)", "",
@@ -147,16 +158,11 @@ def report(paths: list[Path]) -> str:
     for p in paths:
         for line in p.read_text().splitlines():
             r = json.loads(line)
-            c, est, m = r.get("plan") or {}, r.get("estimate") or {}, r.get("measured") or {}
+            c, est, nv, e, err, now = figures(r)
             plan = (f"{c.get('seq_len')} x {c.get('batch_size')}, ckpt {'on' if c.get('grad_ckpt') else 'off'}"
                     + (", offload" if c.get("offload_activations") else "")
                     + (f", mlp chunk {c['mlp_chunk']}" if c.get("mlp_chunk") else "")
                     + (", norms" if c.get("recompute_norms") else "")) if c else ""
-            nv = m.get("nvml_peak_gib")
-            e = est.get("peak_gib")
-            err = f"{(e - nv) / nv * 100:+.1f}%" if nv and e else "n/a"
-            t = todays_estimate(r)
-            now = f"{t:.2f} ({(t - nv) / nv * 100:+.1f}%)" if t is not None and nv else "n/a"
             lines.append(f"| {p.name} | {r['model']} | {r['card']} | {plan} | {r.get('data')} | "
                          f"{r.get('status')} | {e} (+{est.get('band_gib')}) | {nv} | {err} | {now} | "
                          f"{r.get('steady_tokens_per_s')} |")
@@ -179,6 +185,29 @@ def report(paths: list[Path]) -> str:
               "saved at once (the cases did not run); olmo-2-7b at 8192 was refused (its "
               "context is 4096 tokens)."]
     return "\n".join(lines) + "\n"
+
+
+def run_cases(cases: list, one, *, out: str, jobs: int, deadline: float) -> None:
+    """``one(case)`` for every case, ``jobs`` at a time, each record appended to ``out`` as
+    it ends; none started after ``deadline`` seconds (0: no limit); a case that raises is a
+    record ("script error"), not the end of the others."""
+    t0 = time.time()
+
+    def go(c):
+        if deadline and time.time() - t0 > deadline:
+            print(f"{c}: not started (deadline)", flush=True)
+            return
+        try:
+            rec = one(c)
+        except Exception as e:  # noqa: BLE001 - one case's failure is a result
+            rec = {"model": c[0], "card": c[1], "status": "script error", "error": repr(e)}
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{c}: {rec.get('status')} seq {(rec.get('plan') or {}).get('seq_len')} est "
+              f"{rec.get('estimated_peak_gib')} measured {rec.get('measured')}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as ex:
+        list(ex.map(go, cases))
 
 
 def main() -> int:
@@ -204,24 +233,9 @@ def main() -> int:
     cases = [c for c in CASES if not only or c[0] in only or f"{c[0]}:{c[2]}" in only]
     work = Path(tempfile.mkdtemp(prefix="qplan-e2e-"))
 
-    t0 = time.time()
-
-    def go(c):
-        if args.deadline and time.time() - t0 > args.deadline:
-            print(f"{c[0]} @ {c[1]}: not started (deadline)", flush=True)
-            return
-        try:
-            rec = case(*c, work, 2 if args.cpu_dry_run else args.steps, args.cpu_dry_run,
-                       args.grad_accum)
-        except Exception as e:  # one case's failure is a result, not the end of the others
-            rec = {"model": c[0], "card": c[1], "status": "script error", "error": repr(e)}
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{c[0]} @ {c[1]}: {rec.get('status')} est {rec.get('estimated_peak_gib')} "
-              f"measured {rec.get('measured')}", flush=True)
-
-    with ThreadPoolExecutor(args.jobs) as ex:
-        list(ex.map(go, cases))
+    run_cases(cases, lambda c: case(*c, work, 2 if args.cpu_dry_run else args.steps,
+                                    args.cpu_dry_run, args.grad_accum),
+              out=args.out, jobs=args.jobs, deadline=args.deadline)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

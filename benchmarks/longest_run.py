@@ -25,13 +25,12 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
-from e2e_unmeasured import case, todays_estimate  # noqa: E402
+from e2e_unmeasured import case, figures, run_cases  # noqa: E402
 from memory_grid import build_model  # noqa: E402
 
 MODEL = "llama-3.1-8b"
@@ -59,18 +58,15 @@ def report(paths: list[Path]) -> str:
     for p in paths:
         for line in p.read_text().splitlines():
             r = json.loads(line)
-            c, est, m = r.get("plan") or {}, r.get("estimate") or {}, r.get("measured") or {}
+            c, est, nv, e, err, now = figures(r)
             plan = ", ".join(x for x in (
                 "offload" if c.get("offload_activations") else "",
                 f"mlp chunk {c['mlp_chunk']}" if c.get("mlp_chunk") else "",
                 "lean norms" if c.get("recompute_norms") else "",
                 "CPU embeddings" if c.get("embed_on_cpu") else "",
                 f"{c.get('loss')} loss" if c else "") if x)
-            nv, e, u = m.get("nvml_peak_gib"), est.get("peak_gib"), est.get("usable_gib")
-            err = f"{(e - nv) / nv * 100:+.1f}%" if nv and e else "n/a"
+            u = est.get("usable_gib")
             use = f"{nv / u * 100:.0f}%" if nv and u else "n/a"
-            t = todays_estimate(r)
-            now = f"{t:.2f} ({(t - nv) / nv * 100:+.1f}%)" if t is not None and nv else "n/a"
             lines.append(f"| {r['card']} | {r['data']} | {c.get('seq_len', 'n/a')} | {plan} | "
                          f"{r.get('status')} | {e} (+{est.get('band_gib')}) | {nv} | {err} | {u} | "
                          f"{use} | {now} |")
@@ -98,26 +94,15 @@ def main() -> int:
     build_model(MODEL, 2 if cpu else None, mdir, "cpu" if cpu else "cuda")
     todo = [c for c in cases() if c[0] in args.cards.split(",")]
 
-    def go(c):
+    def one(c):
         card, rows = c
-        if args.deadline and time.time() - t0 > args.deadline:
-            print(f"{card} {rows}: not started (deadline)", flush=True)
-            return
         knobs = KNOBS + (("--no-packed-rows",) if rows == "unpacked" else ())
-        try:
-            rec = case(MODEL, card, "longest", rows, work, args.steps, cpu, accum=1, knobs=knobs,
-                       model_dir=mdir, name=f"{card}-{rows}")
-        except Exception as e:  # noqa: BLE001 - one run's failure is a result
-            rec = {"model": MODEL, "card": card, "data": rows, "status": "script error",
-                   "error": repr(e)}
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{card} {rows}: {rec.get('status')} seq {(rec.get('plan') or {}).get('seq_len')} "
-              f"est {rec.get('estimated_peak_gib')} measured {rec.get('measured')} "
-              f"{rec.get('wall_s')} s", flush=True)
+        return case(MODEL, card, "longest", rows, work, args.steps, cpu, accum=1, knobs=knobs,
+                    model_dir=mdir, name=f"{card}-{rows}")
 
-    with ThreadPoolExecutor(args.jobs) as ex:
-        list(ex.map(go, todo))
+    # the model's build counts against the deadline
+    run_cases(todo, one, out=args.out, jobs=args.jobs,
+              deadline=max(1.0, args.deadline - (time.time() - t0)) if args.deadline else 0)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -68,3 +68,20 @@ def _isolated_qplan_home(tmp_path_factory):
     else:
         os.environ["QPLAN_HOME"] = old
     api._STORES.clear()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The runner tests' tiny Llama (tests/fixtures/tiny_llama.py), built once."""
+    from fixtures import tiny_llama as TL
+
+    return TL.build(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """60 short text records for the tiny Llama."""
+    from fixtures import tiny_llama as TL
+
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    return TL.write_jsonl(p, [{"text": s} for s in TL.sentences(60, seed=5)])

@@ -11,24 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures import tiny_llama as TL
 from qplan.cli import cli
 
 pytestmark = pytest.mark.slow
 
 ARGS = ["--cpu", "--seq", "32", "--batch", "1", "--grad-accum", "4", "--rank", "8",
         "--no-grad-ckpt", "--max-steps", "3", "--save-steps", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return TL.build(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "train.jsonl"
-    return TL.write_jsonl(p, [{"text": s} for s in TL.sentences(60, seed=5)])
 
 
 def _run(out: Path, model_dir, data, *extra: str, env: dict | None = None):
@@ -48,15 +36,15 @@ def _steps(out: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, model_dir, data):
+def single(tmp_path_factory, model_dir, text_data):
     out = tmp_path_factory.mktemp("one") / "run"
-    _run(out, model_dir, data)
+    _run(out, model_dir, text_data)
     return _steps(out)
 
 
-def test_two_processes_match_one(tmp_path, model_dir, data, single):
+def test_two_processes_match_one(tmp_path, model_dir, text_data, single):
     out = tmp_path / "run"
-    _run(out, model_dir, data, "--gpus", "2")
+    _run(out, model_dir, text_data, "--gpus", "2")
     two = _steps(out)
     assert sorted(two) == [1, 2, 3]
     for k, r in two.items():  # the same rows, tokens and loss as one process
@@ -69,9 +57,9 @@ def test_two_processes_match_one(tmp_path, model_dir, data, single):
     assert (out / "adapter_model.safetensors").exists()
 
 
-def test_oom_on_rank_1_resumes_with_a_safer_plan(tmp_path, model_dir, data, single):
+def test_oom_on_rank_1_resumes_with_a_safer_plan(tmp_path, model_dir, text_data, single):
     out = tmp_path / "run"
-    rep = _run(out, model_dir, data, "--gpus", "2",
+    rep = _run(out, model_dir, text_data, "--gpus", "2",
                env={"QPLAN_FAILPOINTS": "oom@attempt=1,step=3,rank=1"})
     a1, a2 = rep["attempts"]
     assert a1["ended"] == "oom" and "rank 1" in a1["error"]
@@ -83,8 +71,8 @@ def test_oom_on_rank_1_resumes_with_a_safer_plan(tmp_path, model_dir, data, sing
         assert r["loss"] == pytest.approx(single[k]["loss"], abs=1e-4)
 
 
-def test_accumulation_must_split_across_the_processes(tmp_path, model_dir, data):
-    r = CliRunner().invoke(cli, ["run", "--model", str(model_dir), "--data", str(data),
+def test_accumulation_must_split_across_the_processes(tmp_path, model_dir, text_data):
+    r = CliRunner().invoke(cli, ["run", "--model", str(model_dir), "--data", str(text_data),
                                  "--output", str(tmp_path / "run"), *ARGS, "--gpus", "3"])
     assert r.exit_code == 2, r.output
     assert "multiple of 3" in r.output and "--grad-accum 6" in r.output

@@ -30,17 +30,6 @@ SETTINGS = dict(seq_len=32, batch_size=2, grad_accum=2, lora_rank=8, lora_alpha=
                 grad_ckpt=False)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return TL.build(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "train.jsonl"
-    return TL.write_jsonl(p, [{"text": s} for s in TL.sentences(60, seed=5)])
-
-
 def request(model_dir, data, out, **kw) -> RunRequest:
     kw = {"save_steps": 2, **kw}
     return RunRequest(model=str(model_dir), data=str(data), output=str(out), cpu=True,

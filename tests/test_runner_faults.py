@@ -22,7 +22,6 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from fixtures import tiny_llama as TL
 from fixtures.run_checks import assert_each_step_once
 from qplan.cli import cli
 from qplan.runner import checkpoint as CK
@@ -38,14 +37,8 @@ ARGS = ["--cpu", "--seq", "32", "--batch", "2", "--grad-accum", "2", "--rank", "
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return TL.build(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "train.jsonl"
-    return TL.write_jsonl(p, [{"text": s} for s in TL.sentences(60, seed=5)])
+def data(text_data):
+    return text_data
 
 
 class Parent:
