@@ -81,6 +81,11 @@ LOGITS_SOFTCAP_EXTRA_BYTES = 2.0
 # 83k-token Llama run: 1.57 GiB reserved beyond allocated, this model 1.61 (was 0.45).
 FRAG_LOGITS = 0.30
 FRAG_WORK = 0.16
+# A tiled MLP's working set is chunk-sized buffers used again and again: less is left behind.
+# Fitted to the 8 longest-sequence runs of qplan run (benchmarks/results/longest_run.md: 1.0
+# to 12.5 GiB working sets, 0.11 to 1.50 GiB reserved beyond allocated; FRAG_WORK put them
+# 0.2-0.9 GiB over).
+FRAG_WORK_TILED = 0.10
 FRAG_ACT_CKPT = 0.08
 FRAG_DEFAULT = 0.04
 ALLOC_FIXED_GIB = 0.13

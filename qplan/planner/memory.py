@@ -362,7 +362,10 @@ def allocator_overhead(model: ModelProfile, cfg: TrainConfig, activations: int, 
     """
     logits = _tokens(cfg) * model.vocab_size * C.LOGITS_STANDARD_BYTES if cfg.loss == "standard" else 0
     # the standard loss' logits are the working set at its peak: counted once, as logits
-    expandable = (max(C.FRAG_LOGITS * logits, C.FRAG_WORK * work)
+    # a tiled MLP's working set is chunk-sized buffers, used again and again (taken with the
+    # technique, not the length: a shorter sequence must never need more)
+    frag = C.FRAG_WORK_TILED if cfg.mlp_chunk else C.FRAG_WORK
+    expandable = (max(C.FRAG_LOGITS * logits, frag * work)
                   + (C.FRAG_ACT_CKPT * activations if cfg.grad_ckpt else 0) + C.ALLOC_FIXED_GIB * GIB)
     if not cfg.expandable_segments:  # the default allocator keeps more cached blocks
         expandable = max(expandable, C.FRAG_DEFAULT * (activations + work)
