@@ -171,9 +171,16 @@ class QplanTrainer(Trainer):
             _barrier()
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        if checkpoint is None or self.ctx.spec.load_optimizer:
+        spec = self.ctx.spec
+        cpu_ranks = spec.world_size > 1 and spec.device == "cpu"
+        if checkpoint is None or (spec.load_optimizer and not cpu_ranks):
             return super()._load_optimizer_and_scheduler(checkpoint)
-        # another optimizer than the checkpoint's: keep its learning-rate schedule only
+        if spec.load_optimizer:
+            # several CPU processes: transformers 5.17 maps the optimizer to its device,
+            # "cpu:0", which torch.load cannot restore to; the host is where it lives anyway
+            self.optimizer.load_state_dict(torch.load(
+                os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True))
+        # (else another optimizer than the checkpoint's: keep its learning-rate schedule only)
         self.lr_scheduler.load_state_dict(
             torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
