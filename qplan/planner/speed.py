@@ -13,8 +13,8 @@ rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibrat
 - :func:`activation_s`: memory-bound elementwise work (norms, activations, residual adds,
   rotary, LoRA adds), proportional to the bytes a block keeps per token;
 - launches: fixed costs per LoRA-wrapped linear and per norm (:func:`norm_passes`) for each
-  pass, and per chunk of the fused loss (:func:`loss_chunks`) (kernel launches and Python in peft and bitsandbytes): what
-  dominates small models and batches;
+  pass, and per chunk of the fused loss (:func:`loss_chunks`): kernel launches and Python in
+  peft and bitsandbytes, what dominates small models and batches;
 - :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
 - :func:`overlapped`: the host queues kernels while the GPU works, so host and GPU time
   overlap (a fitted fraction of the shorter one adds to the longer);

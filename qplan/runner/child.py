@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.runner import protocol as P
+from qplan.runner.supervise import local_rank, rank
 from qplan.runner.protocol import ERROR, INTERRUPTED, OK, OOM
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 17, 18
@@ -100,15 +101,6 @@ def _load(spec: P.AttemptSpec, fp):
     optimizer = T.make_optimizer(model.parameters(), cfg, lr=spec.lr)
     fp.fire("load", 0)
     return tok, model, optimizer, simulate
-
-
-def rank() -> int:
-    """This process's data-parallel rank (``qplan run --gpus N``), 0 when alone."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _simulate(s: P.Simulation) -> P.Simulation:
@@ -204,8 +196,7 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
 def _parallel(trainer) -> str:
     """How transformers' accelerator ran the ranks ("ddp x2"): a check that they did."""
     acc = trainer.accelerator
-    kind = "fsdp" if getattr(trainer, "is_fsdp_enabled", False) else (
-        "ddp" if acc.num_processes > 1 else "single")
+    kind = "fsdp" if getattr(trainer, "is_fsdp_enabled", False) else "ddp"
     return f"{kind} x{acc.num_processes}"
 
 

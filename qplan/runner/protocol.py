@@ -152,8 +152,8 @@ class AttemptResult:
     checkpoint_saved: bool = False  # a checkpoint of global_step exists (interrupt, OOM)
     signal: str | None = None  # SIGTERM / SIGINT for an interrupted attempt
     simulate: Simulation | None = None
-    # how the ranks ran (``--gpus N``): "ddp" or "fsdp" and their number, as transformers'
-    # accelerator set them up (None: one process)
+    # how the ranks ran (``--gpus N``), as transformers' accelerator set them up: "ddp x2"
+    # (None: one process)
     parallel: str | None = None
     wall_s: float = 0.0
     protocol: int = VERSION

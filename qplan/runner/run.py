@@ -298,8 +298,9 @@ def _attempt(r: Run, spec: P.AttemptSpec) -> rundir.AttemptRecord:
 def _attempt_ranks(r: Run, spec: P.AttemptSpec, adir: Path, env: dict[str, str]) -> int:
     """One attempt as ``spec.world_size`` data-parallel processes (rank 0 in the attempt's
     folder, rank k in its ``rank{k}`` subfolder): when one ends badly the others are stopped
-    (they would wait for it in the gradient all-reduce); the attempt's result is rank 0's,
-    or the first failed rank's when rank 0 left none. Returns the attempt's exit code."""
+    (they would wait for it in the gradient all-reduce). The attempt's result is rank 0's
+    when all ended well, else the rank's that ran out of memory (or ended badly first): rank
+    0's own is kept as ``result.rank0.json``. Returns that rank's exit code."""
     specs = [adir / "attempt.json"]
     for k in range(1, spec.world_size):
         d = adir / f"rank{k}"

@@ -141,6 +141,16 @@ def wait_ranks(procs: list[subprocess.Popen]) -> tuple[list[int], int | None]:
 
 # ---------------------------------------------------------------------------
 # in the child
+def rank() -> int:
+    """This training process's data-parallel rank (:func:`start_ranks`), 0 when alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """Its GPU on this host (:func:`start_ranks`), 0 when alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

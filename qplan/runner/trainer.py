@@ -35,6 +35,7 @@ from qplan.runner import techniques as T
 from qplan.runner.data import pad_row
 from qplan.profiles.gpus import GIB
 from qplan.runner.monitor import now, step_info
+from qplan.runner.supervise import local_rank
 
 
 @dataclass
@@ -229,7 +230,7 @@ def _all_ranks(c: Context) -> None:
     t = torch.tensor([float(c.step_loss) / c.spec.world_size, float(c.tokens_this_step)],
                      dtype=torch.float64)
     dev = c.spec.device
-    t = t.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if dev == "cuda" else "cpu")
+    t = t.to(f"cuda:{local_rank()}" if dev == "cuda" else "cpu")
     dist.all_reduce(t)
     c.step_loss, c.tokens_this_step = float(t[0]), int(t[1])
     parts: list = [None] * c.spec.world_size
