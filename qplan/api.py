@@ -222,6 +222,7 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     if not isinstance(target_effective_batch, int) or not 1 <= target_effective_batch <= 1 << 20:
         raise BadInputError(f"target effective batch must be an integer from 1 to {1 << 20} "
                             f"(got {target_effective_batch!r}); the default is 16")
+    check_gpus_split(target_effective_batch, fixed)
     if (fixed or {}).get("compute_dtype") == "bf16" and not gpu.bf16:
         raise BadInputError(
             f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
@@ -254,6 +255,31 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
                      capacity_bytes=capacity_bytes, pm=pm, use_calibration=use_calibration,
                      extra_reasons=_policy_reasons(policies, best.config))
+
+
+def check_gpus_split(target: int, fixed: dict[str, Any]) -> None:
+    """Data-parallel GPUs divide each optimizer step's micro-batches among them: the target
+    effective batch must split evenly (BadInputError naming the nearest that do)."""
+    n = fixed.get("gpus") or 1
+    if n <= 1:
+        return
+    a = fixed.get("grad_accum")
+    if a and a % n:
+        near = " or ".join(str(x) for x in ((a // n) * n, (a // n + 1) * n) if x >= 1)
+        raise BadInputError(
+            f"grad_accum {a} does not split across {n} GPUs: each GPU runs the same number of "
+            f"micro-batches per optimizer step, so it must be a multiple of {n}; use "
+            f"grad_accum {near}")
+    b = fixed.get("batch_size")
+    unit = n * (b or 1)
+    if target % unit:
+        lo, hi = (target // unit) * unit, (target // unit + 1) * unit
+        near = " or ".join(str(x) for x in (lo, hi) if x >= 1)
+        per = f" with a per-device batch of {b}" if b else ""
+        raise BadInputError(
+            f"an effective batch of {target} does not split across {n} GPUs{per}: each GPU "
+            f"runs the same number of micro-batches per optimizer step, so it must be a "
+            f"multiple of {unit}; use {near}")
 
 
 def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_batch: int = 16,

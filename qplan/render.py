@@ -214,7 +214,9 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
         c.print(f"paged optimizer states: {d['paged_optimizer_gib']:.2f} GiB of managed memory, "
                 "paged in for the optimizer step (after the activations are freed)")
     if d.get("host_pinned_gib"):
-        c.print(f"host memory (CPU embeddings, offloaded activations): {d['host_pinned_gib']:.2f} GiB")
+        n = (d.get("settings") or {}).get("gpus") or 1
+        c.print(f"host memory (CPU embeddings, offloaded activations): {d['host_pinned_gib']:.2f} GiB"
+                + (f" per GPU's process ({n * d['host_pinned_gib']:.2f} GiB for {n})" if n > 1 else ""))
 
 
 def print_settings(settings: dict[str, Any], reasons: dict[str, str] | None = None,

@@ -34,6 +34,8 @@ CASES: dict[str, list[str]] = {
     "suggest-phi-3.5-mini-l4-fixed":
         ["suggest", "--model", "phi-3.5-mini", "--gpu", "l4", "--rank", "32",
          "--targets", "qkv,o", "--no-grad-ckpt"],
+    "suggest-llama-3.1-8b-2x-rtx-4090":
+        ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2"],
     "estimate-llama-3.1-8b-rtx-4090-batch2":
         ["estimate", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--batch", "2"],
     "estimate-mistral-7b-t4-fp16":

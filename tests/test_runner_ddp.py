@@ -57,6 +57,21 @@ def test_two_processes_match_one(tmp_path, model_dir, text_data, single):
     assert (out / "adapter_model.safetensors").exists()
 
 
+def test_fused_loss_and_checkpointing_sync_through_ddp(tmp_path, model_dir, text_data):
+    """The fused loss calls the decoder itself: under DDP it must still pass through the
+    wrapper's forward, or the ranks' gradients are never averaged (or it fails outright:
+    seen on 2 H200s). Two processes match one process's losses, step by step."""
+    extra = ("--loss", "fused", "--grad-ckpt")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(one, model_dir, text_data, *extra)
+    rep = _run(two, model_dir, text_data, *extra, "--gpus", "2")
+    a, b = _steps(one), _steps(two)
+    assert sorted(b) == [1, 2, 3]
+    for k in a:
+        assert b[k]["loss"] == pytest.approx(a[k]["loss"], abs=1e-4)
+    assert len(rep["attempts"][0]["rank_measured"]) == 2
+
+
 def test_oom_on_rank_1_resumes_with_a_safer_plan(tmp_path, model_dir, text_data, single):
     out = tmp_path / "run"
     rep = _run(out, model_dir, text_data, "--gpus", "2",
@@ -75,4 +90,43 @@ def test_accumulation_must_split_across_the_processes(tmp_path, model_dir, text_
     r = CliRunner().invoke(cli, ["run", "--model", str(model_dir), "--data", str(text_data),
                                  "--output", str(tmp_path / "run"), *ARGS, "--gpus", "3"])
     assert r.exit_code == 2, r.output
-    assert "multiple of 3" in r.output and "--grad-accum 6" in r.output
+    assert "multiple of 3" in r.output and "grad_accum 3 or 6" in r.output
+
+
+@pytest.mark.parametrize("seen, gpus, want", [
+    (None, 1, "0"), (None, 2, "0,1"), ("3,5", 1, "3"), ("3, 5,6", 2, "3,5"), ("", 1, "")])
+def test_training_processes_see_only_their_gpus(monkeypatch, seen, gpus, want):
+    """A 1-GPU plan on a machine with 2 GPUs: transformers' Trainer would otherwise run
+    DataParallel over both with twice the per-device batch (seen on 2 H200s: twice the
+    estimated peak); with --gpus N the first N visible GPUs, rank k on the k-th."""
+    from qplan.planner.config import TrainConfig
+    from qplan.runner.run import _child_env
+
+    if seen is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", seen)
+    cfg = TrainConfig(gpus=gpus, grad_accum=2)
+    assert _child_env(cfg, {}, "cuda")["CUDA_VISIBLE_DEVICES"] == want
+    assert _child_env(cfg, {}, "cpu")["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_plan_for_two_gpus_runs_two_processes(tmp_path, model_dir, text_data):
+    """`suggest --gpus 2 --save`, then `run --plan`: the plan's GPUs start as many
+    processes, with no --gpus at run time; the report has each process's measurements."""
+    plan = tmp_path / "plan.yaml"
+    r = CliRunner().invoke(cli, ["suggest", "--model", str(model_dir), "--gpu", "rtx-4090",
+                                 "--seq", "32", "--gpus", "2", "--batch", "1",
+                                 "--target-batch", "4", "--rank", "8", "--save", str(plan)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", "--plan", str(plan), "--model", str(model_dir),
+                                 "--data", str(text_data), "--output", str(out), "--cpu",
+                                 "--max-steps", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    (a,) = rep["attempts"]
+    assert a["settings"]["gpus"] == 2 and a["settings"]["grad_accum"] == 4
+    assert len(a["rank_measured"]) == 2 and all(m["device"] == "cpu" for m in a["rank_measured"])
+    assert json.loads((out / "attempts" / "1" / "result.json").read_text())["parallel"] == "ddp x2"
+    assert "rank 1" in (out / "summary.md").read_text()

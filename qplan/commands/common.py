@@ -79,6 +79,9 @@ KNOBS: tuple[Knob, ...] = (
          "RMSNorms keep only their input for backward, not a float32 copy"),
     Knob("packed_rows", "--packed-rows/--no-packed-rows",
          "rows pack several examples, as qplan run does (sdpa/eager then need a seq x seq mask)"),
+    Knob("gpus", "--gpus", "data-parallel GPUs (DDP), one training process each: every "
+         "optimizer step's micro-batches are split across them (same effective batch); "
+         "memory figures are per GPU", click.IntRange(min=1, max=64)),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

@@ -223,11 +223,17 @@ def export(plan_file: Path | None, model: str | None, gpu: str | None, vram: flo
                         capacity_bytes=t.capacity_bytes, model_ref=model)
     e = run_export(plan, fmt, profile=profile, gpu=t.gpu, data=data,
                    capacity_bytes=t.capacity_bytes)
+    acc_path = None
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(e.text)
         if fmt == "trl":
             output.chmod(0o755)
+        if e.accelerate_config:
+            from qplan.ecosystem.export import ACCELERATE_CONFIG
+
+            acc_path = output.parent / ACCELERATE_CONFIG
+            acc_path.write_text(e.accelerate_config)
     if as_json:
         from qplan.profiles.gpus import GIB
 
@@ -241,14 +247,23 @@ def export(plan_file: Path | None, model: str | None, gpu: str | None, vram: flo
             "tokens_per_s": round(e.tokens_per_s, 1),
             "gaps": [{"setting": g.setting, "planned": g.planned, "tool": g.tool, "why": g.why,
                       "delta_gib": round(g.delta_bytes / GIB, 3)} for g in e.gaps],
-            "text": e.text if output is None else None})
+            "text": e.text if output is None else None, "launch": e.launch,
+            "accelerate_config": e.accelerate_config,
+            "accelerate_config_written_to": str(acc_path) if acc_path else None})
         return
     if output is None:
         click.echo(e.text, nl=False)
+        if e.accelerate_config:
+            click.echo("\n# accelerate_config.yaml (written beside the file with -o):\n"
+                       + e.accelerate_config, nl=False)
         return
     lines = [f"wrote {output} ({fmt}): estimated peak {e.peak_bytes / 2**30:.2f} GiB on "
              f"{t.gpu.name}, {e.tokens_per_s:,.0f} tokens/s (the plan: "
              f"{e.plan_peak_bytes / 2**30:.2f} GiB)"]
+    if acc_path is not None:
+        lines.append(f"wrote {acc_path} ({plan.config.gpus} processes); start with: {e.launch}")
+    elif e.launch:
+        lines.append(f"start with: {e.launch}")
     for g in e.gaps:
         from qplan.ecosystem.export import _v
 

@@ -213,17 +213,32 @@ def _dataset(data: Path | None, tokens: int | None, epochs: float, seq_len: int)
     return None
 
 
+def _header(command: str, m, t, cfg) -> str:
+    g = t.gpu
+    n = f"{cfg.gpus} x " if cfg.gpus > 1 else ""
+    return (f"qplan {command}: {m.name} on {n}{g.name} ({g.memory_gib:g} GiB, cc {g.cc_str}"
+            f"{', ' + g.link.name + ' between them' if cfg.gpus > 1 else ''})"
+            f"{' [detected]' if t.detected else ''}")
+
+
+def _memory_title(cfg) -> str:
+    return ("Memory per GPU (peak, as nvidia-smi shows it)" if cfg.gpus > 1
+            else "Memory (peak, as nvidia-smi shows it)")
+
+
+def _on_all(cfg) -> str:
+    return f" on all {cfg.gpus} GPUs" if cfg.gpus > 1 else ""
+
+
 def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: list[str]) -> None:
     from qplan import render
 
-    g = t.gpu
-    render.print_lines([f"qplan suggest: {m.name} on {g.name} ({g.memory_gib:g} GiB, "
-                        f"cc {g.cc_str}){' [detected]' if t.detected else ''}"], style="bold")
+    render.print_lines([_header("suggest", m, t, plan.config)], style="bold")
     render.print_lines([f"note: {n}" for n in d["notes"] if n not in plan.memory.notes])
     render.print_settings(d["settings"], why, title="Settings")
     render.print_lines([f"  {r}" for r in rest])
-    render.print_breakdown(d)
-    lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
+    render.print_breakdown(d, title=_memory_title(plan.config))
+    lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s{_on_all(plan.config)} "
              f"(±{d['speed_uncertainty']:.0%}; {plan.config.tokens_per_step:,} tokens per "
              f"optimizer step, {d['step_s']:.2f} s a step)"]
     ds = d["dataset"]
@@ -320,14 +335,12 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
     if as_json:
         render.print_json(d)
     else:
-        g = t.gpu
-        render.print_lines([f"qplan estimate: {m.name} on {g.name} ({g.memory_gib:g} GiB, "
-                            f"cc {g.cc_str}){' [detected]' if t.detected else ''}"], style="bold")
+        render.print_lines([_header("estimate", m, t, cfg)], style="bold")
         for n in notes:
             render.print_lines([f"note: {n}"])
         render.print_settings(d["settings"], title="Settings")
-        render.print_breakdown(d)
-        render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s "
+        render.print_breakdown(d, title=_memory_title(cfg))
+        render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s{_on_all(cfg)} "
                             f"(±{d['speed_uncertainty']:.0%}; {d['step_s']:.2f} s per optimizer "
                             "step)"])
         if not est.fits:

@@ -75,9 +75,6 @@ def _print_report(report, as_json: bool) -> None:
 @click.option("--gpu", help="plan for this card (catalogue name or memory size) instead of "
               "the detected one")
 @click.option("--cpu", is_flag=True, help="train on CPU even if a GPU is present (slow)")
-@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
-              help="data-parallel training processes, one per GPU (with --cpu: processes): "
-              "each optimizer step's accumulation is split across them (same effective batch)")
 @click.option("--resume", type=click.Path(), help="continue the run in this folder")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @calibration_option
@@ -86,7 +83,7 @@ def _print_report(report, as_json: bool) -> None:
 def run_command(model, data, plan_file, effective_batch, output, max_steps, epochs, lr,
                 eval_data, eval_split, completion_only, skip_bad_lines, packing,
                 allow_shorter_seq, max_attempts, save_steps, seed, simulate_gpu, gpu, cpu,
-                gpus, resume, quiet, calibration, as_json, **knobs):
+                resume, quiet, calibration, as_json, **knobs):
     """Fine-tune with a plan that fits: QLoRA with transformers + peft + bitsandbytes.
 
     Plans for the detected GPU (or uses --plan; any setting can be overridden by its flag),
@@ -111,7 +108,7 @@ def run_command(model, data, plan_file, effective_batch, output, max_steps, epoc
                      completion_only=completion_only, skip_bad_lines=skip_bad_lines,
                      packing=packing, allow_shorter_seq=allow_shorter_seq,
                      max_attempts=max_attempts, save_steps=save_steps, seed=seed,
-                     simulate_gpu=simulate_gpu, gpu=gpu, cpu=cpu, gpus=gpus, resume=resume,
+                     simulate_gpu=simulate_gpu, gpu=gpu, cpu=cpu, resume=resume,
                      progress=not quiet, use_calibration=calibration)
     try:
         report = run(req, notify=say, child_stdout=2 if as_json else None)

@@ -245,7 +245,7 @@ def render(cfg: TrainConfig, profile: ModelProfile, *, model: str) -> dict[str, 
                                       for t in profile.resolve_targets(cfg.lora_targets)]
     out["sequence_len"] = cfg.seq_len
     out["micro_batch_size"] = cfg.batch_size
-    out["gradient_accumulation_steps"] = cfg.grad_accum
+    out["gradient_accumulation_steps"] = cfg.grad_accum // cfg.gpus  # per process
     out["gradient_checkpointing"] = ("offload" if cfg.offload_activations and cfg.grad_ckpt
                                      else cfg.grad_ckpt)
     if cfg.grad_ckpt:

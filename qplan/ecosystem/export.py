@@ -45,6 +45,36 @@ class Exported:
     config: TrainConfig  # what the tool runs, as qplan settings
     gaps: tuple[Gap, ...]
     filename: str  # a suggested file name
+    # with several GPUs (the plan's ``gpus``): how to start the processes, and accelerate's
+    # config file for it (None: the tool starts them itself, or one GPU)
+    launch: str | None = None
+    accelerate_config: str | None = None
+
+
+ACCELERATE_CONFIG = "accelerate_config.yaml"
+
+
+def accelerate_config(cfg: TrainConfig) -> str:
+    """accelerate's config file for ``cfg``'s data-parallel processes on one machine (what
+    ``accelerate config`` writes for multi-GPU DDP), with the plan's mixed precision."""
+    import yaml
+
+    d = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+         "num_machines": 1, "machine_rank": 0, "num_processes": cfg.gpus, "gpu_ids": "all",
+         "mixed_precision": cfg.compute_dtype, "use_cpu": False, "main_training_function": "main",
+         "rdzv_backend": "static", "same_network": True}
+    return (f"# accelerate config by qplan: {cfg.gpus} data-parallel processes (DDP), one a GPU\n"
+            + yaml.safe_dump(d, sort_keys=False))
+
+
+def _launch(fmt: str, cfg: TrainConfig, name: str) -> str | None:
+    if cfg.gpus <= 1:
+        return None
+    if fmt == "trl":
+        return f"accelerate launch --config_file {ACCELERATE_CONFIG} {name} --data DATA"
+    if fmt == "axolotl":
+        return f"accelerate launch --config_file {ACCELERATE_CONFIG} -m axolotl.cli.train {name}"
+    return f"FORCE_TORCHRUN=1 NNODES=1 NPROC_PER_NODE={cfg.gpus} llamafactory-cli train {name}"
 
 
 def _model_ref(plan, profile) -> str:
@@ -113,37 +143,52 @@ def export(plan, fmt: str, *, profile=None, gpu=None, data: str | None = None,
     profile = profile or api.get_model(plan.model, pm=pm)
     gpu = gpu or api.get_gpu(plan.gpu or "rtx-4090", pm=pm)
     cfg = plan.config
+    # the tools' accumulation is per process; the number of processes is the launcher's
+    one = cfg.with_(gpus=1, grad_accum=cfg.grad_accum // cfg.gpus)
     model = _model_ref(plan, profile)
     if fmt == "trl":
-        rendered = TRL.render(cfg, profile, model=model)
-        whys = TRL.unexpressible(cfg)
+        rendered = TRL.render(one, profile, model=model)
+        whys = TRL.unexpressible(one)
     elif fmt == "axolotl":
-        rendered = AX.render(cfg, profile, model=model)
-        rendered["_expandable"] = cfg.expandable_segments
-        whys = AX.unexpressible(cfg)
+        rendered = AX.render(one, profile, model=model)
+        rendered["_expandable"] = one.expandable_segments
+        whys = AX.unexpressible(one)
     else:
-        rendered = LF.render(cfg, profile, model=model)
-        rendered["_expandable"] = cfg.expandable_segments
-        whys = LF.unexpressible(cfg)
+        rendered = LF.render(one, profile, model=model)
+        rendered["_expandable"] = one.expandable_segments
+        whys = LF.unexpressible(one)
     realized = _realized(fmt, rendered, profile, f"the exported {fmt} file")
+    if cfg.gpus > 1:  # launched on the plan's GPUs
+        realized = realized.with_(gpus=cfg.gpus, grad_accum=realized.grad_accum * cfg.gpus)
     gaps = _gaps(plan, profile, gpu, realized, {k: v for k, v in whys.items()
                                                 if k != "expandable_segments"},
                  capacity_bytes, pm)
     plan_est = api.estimate(profile, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm)
     est = api.estimate(profile, gpu, realized, capacity_bytes=capacity_bytes, pm=pm)
+    name = {"trl": "train_trl.py", "axolotl": "axolotl.yaml"}.get(fmt, "llamafactory.yaml")
+    launch = _launch(fmt, cfg, name)
     head = _header(plan, gpu, plan_est, est, gaps, fmt, __version__, whys)
+    if launch:  # `qplan check` reads one process's file: said below instead
+        head = [h for h in head if not h.startswith("`qplan check` of this file")]
+        ddp = sum(t.bytes for t in est.memory.terms if t.key in ("ddp_buckets", "collective_buffers"))
+        head.append(f"Data-parallel on {cfg.gpus} GPUs (estimates per GPU, speed for all): "
+                    f"gradient_accumulation_steps is per process ({cfg.gpus} x "
+                    f"{cfg.grad_accum // cfg.gpus} = the plan's {cfg.grad_accum}); start it with")
+        head.append(f"  {launch}")
+        head.append(f"(`qplan check` of this file estimates one process: without DDP's buckets "
+                    f"and NCCL's buffers, {gib(ddp)} per GPU, and with {cfg.grad_accum // cfg.gpus} "
+                    "micro-batches a step.)")
     if fmt == "trl":
         text = trl_script(rendered, head, gpu=gpu.name, data=data)
-        name = "train_trl.py"
     elif fmt == "axolotl":
         text = axolotl_yaml(rendered, head, data=data, whys=whys)
-        name = "axolotl.yaml"
     else:
         text = llamafactory_yaml(rendered, head, data=data, whys=whys)
-        name = "llamafactory.yaml"
     return Exported(format=fmt, text=text, plan_peak_bytes=plan_est.memory.peak_bytes,
                     peak_bytes=est.memory.peak_bytes, tokens_per_s=est.speed.tokens_per_s,
-                    config=realized, gaps=tuple(gaps), filename=name)
+                    config=realized, gaps=tuple(gaps), filename=name, launch=launch,
+                    accelerate_config=(accelerate_config(cfg) if launch and fmt != "llama-factory"
+                                       else None))
 
 
 def _header(plan, gpu, plan_est, est, gaps, fmt, version, whys) -> list[str]:

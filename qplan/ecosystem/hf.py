@@ -163,6 +163,9 @@ def to_hf(plan_or_config, profile: ModelProfile | None = None, *, model: str | N
     else:
         if cfg.recompute_norms:
             missing["recompute_norms"] = "use_liger_kernel (needs liger-kernel) stands in for it"
+    if cfg.gpus > 1:
+        missing["gpus"] = (f"start {cfg.gpus} processes (accelerate launch --num_processes "
+                           f"{cfg.gpus}); gradient_accumulation_steps is per process")
     return HFKwargs(model=name, config=cfg, profile=profile,
                     from_pretrained=dict(s["from_pretrained"]),
                     quantization_config=s.get("quantization_config"),

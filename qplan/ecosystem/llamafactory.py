@@ -190,7 +190,7 @@ def render(cfg: TrainConfig, profile: ModelProfile, *, model: str) -> dict[str, 
         profile.target_names[t] for t in profile.resolve_targets(cfg.lora_targets))
     out["cutoff_len"] = cfg.seq_len
     out["per_device_train_batch_size"] = cfg.batch_size
-    out["gradient_accumulation_steps"] = cfg.grad_accum
+    out["gradient_accumulation_steps"] = cfg.grad_accum // cfg.gpus  # per process
     out["disable_gradient_checkpointing"] = not cfg.grad_ckpt
     if cfg.grad_ckpt:
         out["use_reentrant_gc"] = False

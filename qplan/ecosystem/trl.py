@@ -709,7 +709,7 @@ def render(cfg: TrainConfig, profile: ModelProfile, *, model: str,
                         "bias": "none", "task_type": "CAUSAL_LM"}
     args: dict[str, Any] = {
         "per_device_train_batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": cfg.grad_accum // cfg.gpus,  # per process
         "max_length": cfg.seq_len,
         "gradient_checkpointing": cfg.grad_ckpt,
     }

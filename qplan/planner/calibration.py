@@ -106,6 +106,18 @@ CHUNK_S = 0.0001  # per tiled-MLP chunk and block, forward and backward
 STEP_FIXED_S = 0.02  # per optimizer step: the optimizer's launches and the runner's own work
 OPTIMIZER_BYTES_PER_PARAM = 16.0  # 8-bit AdamW's traffic per LoRA parameter
 PCIE_GBS = 20.0  # offloaded activations to pinned host memory and back
+# Data-parallel training (TrainConfig.gpus > 1). NCCL's communicator buffers on each GPU,
+# outside PyTorch's allocator (in what nvidia-smi shows): 0.83 GiB measured on two H200s
+# over NVLink (nvidia-smi less PyTorch's reserved less the context, in two qplan runs and an
+# all-reduce benchmark alike; benchmarks/results/ddp_gpu.md). PCIe pairs: not measured.
+NCCL_BUFFERS_GIB = 0.85
+# Share of the link rate (GpuProfile.link) a ring all-reduce's bus bandwidth reaches, by
+# kind of link; and a fixed cost per all-reduce call (one per DDP bucket). NVLink: 287 GB/s
+# of 450 for 170 MiB of float32 on two H200s (0.47 at 16 MiB). PCIe: assumed (consumer cards
+# without peer-to-peer go through host memory), not measured.
+ALLREDUCE_EFFICIENCY = {"nvlink": 0.64, "pcie": 0.5}
+ALLREDUCE_LATENCY_S = 50e-6
+DDP_BUCKET_BYTES = 25 * 1024**2  # DDP's default bucket_cap_mb
 CPU_EMBED_GBS = 4.0  # looked-up embedding rows from the host (pageable copy)
 # Fitted coefficients of qplan.planner.speed.speed_features (seconds per unit; for rate-bound
 # terms 1 / the fraction of the datasheet rate reached). Written from results/speed_fit.json.

@@ -22,7 +22,9 @@ DTYPES = ("bf16", "fp16")
 class TrainConfig:
     """One fully specified training configuration (what ``qplan estimate`` evaluates).
 
-    ``batch_size`` is per device; ``grad_accum`` multiplies it to the effective batch.
+    ``batch_size`` is per device; ``grad_accum`` multiplies it to the effective batch: the
+    micro-batches of one optimizer step, over all ``gpus`` (each of the ``gpus``
+    data-parallel processes runs ``grad_accum / gpus`` of them).
     ``lora_targets`` holds canonical names (``q``, ``k``, ... or ``qkv`` for Phi-3);
     ``None`` means every linear layer in the blocks.
     """
@@ -59,6 +61,10 @@ class TrainConfig:
     # data this way): with sdpa or eager attention transformers then builds a boolean
     # batch x seq x seq mask that keeps examples apart (flash_attention_2 needs none).
     packed_rows: bool = False
+    # Data-parallel GPUs (DDP), one training process each with a full copy of the model:
+    # every optimizer step's ``grad_accum`` micro-batches are split across them, so the
+    # effective batch does not depend on it; memory figures are per GPU.
+    gpus: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):
@@ -73,10 +79,19 @@ class TrainConfig:
         """Every invalid field, each with what is allowed."""
         p = []
         for f, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 1),
-                      ("loss_chunk", 1024), ("mlp_chunk", 0)):
+                      ("loss_chunk", 1024), ("mlp_chunk", 0), ("gpus", 1)):
             v = getattr(self, f)
-            if not isinstance(v, int) or v < lo:
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 p.append(f"{f} must be an integer >= {lo} (got {v!r})")
+        n, a = self.gpus, self.grad_accum
+        if (isinstance(n, int) and isinstance(a, int) and not isinstance(n, bool) and n > 1
+                and a >= 1 and a % n):
+            up = -(-a // n) * n
+            p.append(f"grad_accum {a} does not split across gpus {n}: each optimizer step's "
+                     f"micro-batches are divided among the {n} GPUs, so the accumulation must be "
+                     f"a multiple of {n}; use grad_accum {up} (an effective batch of "
+                     f"{up * self.batch_size if isinstance(self.batch_size, int) else up}) or "
+                     f"{max(n, up - n)}")
         d = self.lora_dropout
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             p.append(f"lora_dropout must be a number in [0, 1) (got {d!r})")

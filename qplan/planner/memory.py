@@ -163,6 +163,18 @@ def lora_gradients(model: ModelProfile, cfg: TrainConfig) -> int:
     return 4 * lora_param_count(model, cfg)
 
 
+def ddp_gradient_buckets(model: ModelProfile, cfg: TrainConfig) -> int:
+    """With ``gpus`` > 1: DDP's flat gradient buckets, a second float32 copy of the LoRA
+    gradients that the all-reduce runs on (``gradient_as_bucket_view`` is off in Trainer)."""
+    return lora_gradients(model, cfg) if cfg.gpus > 1 else 0
+
+
+def collective_buffers(cfg: TrainConfig) -> int:
+    """With ``gpus`` > 1: NCCL's communicator buffers on each GPU, outside PyTorch's
+    allocator (in what ``nvidia-smi`` shows). Measured; see :mod:`.calibration`."""
+    return int(C.NCCL_BUFFERS_GIB * GIB) if cfg.gpus > 1 else 0
+
+
 def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
     """AdamW's two moments per trainable parameter.
 
@@ -620,6 +632,10 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
                    allocator_overhead.__doc__.split("\n")[0]),
         MemoryTerm("libraries", "CUDA libraries", libraries(gpu),
                    libraries.__doc__.split("\n")[0]),
+        *([MemoryTerm("ddp_buckets", "DDP gradient buckets", ddp_gradient_buckets(model, cfg),
+                      ddp_gradient_buckets.__doc__.split("\n")[0]),
+           MemoryTerm("collective_buffers", "NCCL buffers", collective_buffers(cfg),
+                      collective_buffers.__doc__.split("\n")[0])] if cfg.gpus > 1 else []),
         MemoryTerm("cuda_context", "CUDA context", cuda_context(gpu),
                    cuda_context.__doc__.split("\n")[0]),
     ]

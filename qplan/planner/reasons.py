@@ -89,11 +89,21 @@ def plan_reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig,
                  target: int) -> tuple[Reason, ...]:
     """One reason for every setting of ``cfg`` but the sequence length (which the caller
     chose), in the order of :class:`TrainConfig`'s fields."""
+    split = (f" ({cfg.grad_accum // cfg.gpus} micro-batches on each of {cfg.gpus} GPUs)"
+             if cfg.gpus > 1 else "")
     batch = Reason(("batch_size", "grad_accum"),
-                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} = effective batch "
-                   f"{cfg.effective_batch} (target {target})")
-    out = [batch] + _compute(cfg, gpu) + _lora(cfg) + _memory(model, cfg)
+                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}{split} = effective "
+                   f"batch {cfg.effective_batch} (target {target})")
+    out = [batch] + _compute(cfg, gpu) + _lora(cfg) + _memory(model, cfg) + [_gpus(cfg, gpu)]
     return tuple(out)
+
+
+def _gpus(cfg: TrainConfig, gpu: GpuProfile) -> Reason:
+    if cfg.gpus == 1:
+        return Reason(("gpus",), "one GPU (--gpus N: data-parallel on N)")
+    return Reason(("gpus",), f"{cfg.gpus} GPUs, data-parallel (DDP): a full copy of the model "
+                  f"on each, the LoRA gradients all-reduced every optimizer step over "
+                  f"{gpu.link.name}; memory figures are per GPU")
 
 
 def policy_reasons(trace) -> tuple[Reason, ...]:

@@ -82,16 +82,18 @@ def _techniques(cfg: TrainConfig) -> int:
             + int(cfg.recompute_norms))
 
 
-def _batch_sizes(target: int) -> list[int]:
-    """Per-device batches that reach the target effective batch exactly (its divisors)."""
-    return [b for b in range(1, max(1, target) + 1) if target % b == 0]
+def _batch_sizes(target: int, gpus: int = 1) -> list[int]:
+    """Per-device batches that reach the target effective batch exactly with an accumulation
+    that splits evenly across ``gpus`` (the divisors of target / gpus)."""
+    return [b for b in range(1, max(1, target) + 1)
+            if target % b == 0 and (target // b) % gpus == 0]
 
 
 def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effective_batch: int,
                fixed: dict[str, Any], base: dict[str, Any]) -> Iterable[TrainConfig]:
     """Every configuration the search considers, with user-fixed settings held."""
     grid = {
-        "batch_size": _batch_sizes(target_effective_batch),
+        "batch_size": _batch_sizes(target_effective_batch, fixed.get("gpus") or 1),
         "grad_ckpt": [False, True],
         "loss": ["standard", "fused"],
         "prepare": ["lean"],
@@ -161,7 +163,8 @@ def search(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target_effecti
         seen.append(cand)
         if cand.memory.safe_peak_bytes > limit:
             continue
-        if host_ram_bytes is not None and cand.memory.host_pinned_bytes > 0.5 * host_ram_bytes:
+        if (host_ram_bytes is not None  # pinned host memory of every GPU's process
+                and cand.memory.host_pinned_bytes * cfg.gpus > 0.5 * host_ram_bytes):
             continue
         fitting.append(cand)
     return fastest(fitting), seen

@@ -18,7 +18,9 @@ rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibrat
 - :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
 - :func:`overlapped`: the host queues kernels while the GPU works, so host and GPU time
   overlap (a fitted fraction of the shorter one adds to the longer);
-- and per optimizer step, :func:`optimizer_s` and the runner's own step overhead.
+- and per optimizer step, :func:`optimizer_s` and the runner's own step overhead, and with
+  several GPUs (``gpus``, data-parallel) :func:`allreduce_s`, the LoRA gradients' all-reduce
+  over the link between the cards; each GPU runs its share of the step's micro-batches.
 
 On other GPUs the rates are the catalogue's datasheet figures and the fixed costs are the
 H200 machine's; :func:`speed_uncertainty` says how far to trust the figure.
@@ -178,6 +180,24 @@ def optimizer_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float
     return C.STEP_FIXED_S + n * C.OPTIMIZER_BYTES_PER_PARAM / (gpu.bandwidth_gbs * 1e9 * 0.5)
 
 
+def allreduce_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float:
+    """With ``gpus`` > 1, per optimizer step: DDP's ring all-reduce of the float32 LoRA
+    gradients (each GPU sends and receives 2 (n-1)/n of them) over the link between the
+    cards (:attr:`GpuProfile.link`, at a measured share of its rate), plus a fixed cost per
+    bucket. Counted whole: the LoRA gradients are small and the last micro-batch's backward
+    hides little of it on slow links."""
+    n = cfg.gpus
+    if n <= 1:
+        return 0.0
+    from qplan.planner.memory import lora_gradients
+
+    grad = lora_gradients(model, cfg)
+    link = gpu.link
+    eff = C.ALLREDUCE_EFFICIENCY["nvlink" if link.nvlink else "pcie"]
+    buckets = -(-grad // C.DDP_BUCKET_BYTES)
+    return buckets * C.ALLREDUCE_LATENCY_S + 2 * (n - 1) / n * grad / (link.gbs * 1e9 * eff)
+
+
 def speed_uncertainty(gpu: GpuProfile) -> tuple[float, str]:
     """How far a predicted tokens/s may be from the real one, and why."""
     if gpu.name in C.SPEED_MEASURED_GPUS:
@@ -253,9 +273,10 @@ def overlapped(gpu_s: float, host_s: float, overlap: float) -> float:
 def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
                    coefficients: dict[str, float] | None = None,
                    overlap: float | None = None) -> SpeedEstimate:
-    """Predicted throughput of ``cfg`` on ``gpu``: the fitted coefficients times the
-    micro-batch's features (GPU work and host work, :func:`overlapped`), plus transfers,
-    times the accumulation, plus the optimizer. The terms are each part's share of the
+    """Predicted throughput of ``cfg`` on ``gpu`` (on all ``gpus`` together): the fitted
+    coefficients times the micro-batch's features (GPU work and host work,
+    :func:`overlapped`), plus transfers, times each GPU's share of the accumulation, plus the
+    optimizer and the gradients' all-reduce. The terms are each part's share of the
     step (scaled by how much the overlap hides)."""
     k = C.SPEED_COEFFICIENTS if coefficients is None else coefficients
     ov = C.SPEED_OVERLAP if overlap is None else overlap
@@ -271,12 +292,16 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
     factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
     micro *= factor
     opt = optimizer_s(model, cfg, gpu)
-    step = micro * cfg.grad_accum + opt
-    a = cfg.grad_accum * share * factor
+    comm = allreduce_s(model, cfg, gpu)
+    per_gpu = cfg.grad_accum // cfg.gpus  # each GPU runs its share of the micro-batches
+    step = micro * per_gpu + opt + comm
+    a = per_gpu * share * factor
     terms = (("matmul", part["matmul"] * a), ("output layer", part["head"] * a), ("dequant", part["dequant"] * a),
              ("attention", part["attention"] * a),
              ("activations", part["activations"] * a), ("launch", launch * a),
              ("transfer", tr * a), ("optimizer", opt))
+    if cfg.gpus > 1:
+        terms += (("all-reduce", comm),)
     err, basis = speed_uncertainty(gpu)
     return SpeedEstimate(tokens_per_s=cfg.tokens_per_step / step, step_s=step,
                          compute_s=part["matmul"] + part["head"] + part["attention"],

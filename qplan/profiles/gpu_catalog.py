@@ -189,7 +189,7 @@ GPUS = [
     GpuProfile("a100-40gb-sxm", "NVIDIA A100 SXM4 40GB", 40, (8, 0), 312.0, 1555,
                "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
                "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-               kind="datacenter", aliases=("a100", "a100-40gb"),
+               kind="datacenter", interconnect="nvlink3", aliases=("a100", "a100-40gb"),
                nvml_names=("a100-sxm4-40gb", "a100")),
     GpuProfile("a100-80gb-pcie", "NVIDIA A100 80GB PCIe", 80, (8, 0), 312.0, 1935,
                "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
@@ -198,7 +198,7 @@ GPUS = [
     GpuProfile("a100-80gb-sxm", "NVIDIA A100 SXM4 80GB", 80, (8, 0), 312.0, 2039,
                "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
                "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-               kind="datacenter", aliases=("a100-80gb",),
+               kind="datacenter", interconnect="nvlink3", aliases=("a100-80gb",),
                nvml_names=("a100-sxm4-80gb", "a100")),
     GpuProfile("h100-pcie", "NVIDIA H100 PCIe 80GB", 80, (9, 0), 756.0, 2000,
                "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet",
@@ -206,14 +206,14 @@ GPUS = [
                notes="datasheet 1513 TFLOPS BF16 is with sparsity; dense is half"),
     GpuProfile("h100-sxm", "NVIDIA H100 SXM5 80GB", 80, (9, 0), 989.4, 3350,
                "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet",
-               kind="datacenter", aliases=("h100",),
+               kind="datacenter", interconnect="nvlink4", aliases=("h100",),
                nvml_names=("h100 80gb hbm3", "h100 sxm", "h100")),
     GpuProfile("h200", "NVIDIA H200 SXM 141GB", 141, (9, 0), 989.4, 4800,
                "https://www.nvidia.com/en-us/data-center/h200/",
-               kind="datacenter", nvml_names=("h200",)),
+               kind="datacenter", interconnect="nvlink4", nvml_names=("h200",)),
     GpuProfile("b200", "NVIDIA B200 (HGX, 1000 W)", 180, (10, 0), 2250.0, 8000,
                "https://www.nvidia.com/en-us/data-center/hgx/",
-               kind="datacenter", nvml_names=("b200",),
+               kind="datacenter", interconnect="nvlink5", nvml_names=("b200",),
                notes="HGX/DGX B200: 180 GB usable per GPU (192 GB on the package); "
                      "BF16 2.25 PFLOPS dense (4.5 with sparsity)"),
 ]

@@ -12,6 +12,33 @@ GIB = 1024**3
 
 
 @dataclass(frozen=True)
+class Link:
+    """How two cards of one machine exchange data (the gradient all-reduce of data-parallel
+    training): ``gbs`` is the link's rate in GB/s in each direction."""
+
+    name: str
+    gbs: float
+    source: str
+    nvlink: bool = False
+
+
+PCI_SIG = "https://pcisig.com/specifications (x16, each direction, after 128b/130b encoding)"
+LINKS = {
+    "pcie3": Link("PCIe 3.0 x16", 15.75, PCI_SIG),
+    "pcie4": Link("PCIe 4.0 x16", 31.5, PCI_SIG),
+    "pcie5": Link("PCIe 5.0 x16", 63.0, PCI_SIG),
+    "nvlink3": Link("NVLink 3 (A100 SXM)", 300.0, "https://www.nvidia.com/content/dam/en-zz/"
+                    "Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-"
+                    "web.pdf (600 GB/s both directions)", nvlink=True),
+    "nvlink4": Link("NVLink 4 (H100/H200 SXM)", 450.0,
+                    "https://www.nvidia.com/en-us/data-center/h200/ (900 GB/s both directions)",
+                    nvlink=True),
+    "nvlink5": Link("NVLink 5 (B200)", 900.0, "https://www.nvidia.com/en-us/data-center/hgx/ "
+                    "(1.8 TB/s both directions)", nvlink=True),
+}
+
+
+@dataclass(frozen=True)
 class GpuProfile:
     """One GPU model.
 
@@ -34,6 +61,8 @@ class GpuProfile:
     nvml_names: tuple[str, ...] = ()
     notes: str = ""
     provider: str = field(default="qplan", compare=False)
+    # key of :data:`LINKS` between two such cards; "" = by generation (:attr:`link`)
+    interconnect: str = ""
 
     @property
     def bf16(self) -> bool:
@@ -44,6 +73,16 @@ class GpuProfile:
     def flash_attention_2(self) -> bool:
         """FlashAttention 2 supports compute capability 8.0 and newer."""
         return self.compute_capability >= (8, 0)
+
+    @property
+    def link(self) -> Link:
+        """The link between two of these cards in one machine: the catalogue's, else PCIe of
+        the card's generation (3.0 before Ampere, 5.0 from Blackwell and the H100 PCIe on)."""
+        if self.interconnect:
+            return LINKS[self.interconnect]
+        if self.compute_capability < (8, 0):
+            return LINKS["pcie3"]
+        return LINKS["pcie5" if self.compute_capability >= (9, 0) else "pcie4"]
 
     @property
     def memory_bytes(self) -> int:

@@ -171,6 +171,10 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
 
     check()
     fp = F.Failpoints(F.from_env(), spec.attempt, rank())
+    if spec.device == "cuda":  # rank k trains on GPU k: its context, monitor and cap there
+        import torch
+
+        torch.cuda.set_device(local_rank())
     monitor = MemoryMonitor(spec.device == "cuda").start()
     tok, model, optimizer, simulate = _load(spec, fp)
     train_ds, eval_ds, per_step = _datasets(spec, tok)

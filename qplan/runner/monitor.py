@@ -61,17 +61,18 @@ class MemoryMonitor:
         if self.cuda:
             import torch
 
-            torch.zeros(1, device="cuda")  # start the CUDA context
+            dev = torch.cuda.current_device()  # this rank's GPU (the child set it)
+            torch.zeros(1, device=f"cuda:{dev}")  # start the CUDA context
             try:
                 import pynvml
 
                 pynvml.nvmlInit()
-                try:  # the GPU torch calls 0 (CUDA_VISIBLE_DEVICES may renumber)
-                    uuid = str(torch.cuda.get_device_properties(0).uuid)
+                try:  # the GPU torch calls dev (CUDA_VISIBLE_DEVICES may renumber)
+                    uuid = str(torch.cuda.get_device_properties(dev).uuid)
                     self._handle = pynvml.nvmlDeviceGetHandleByUUID(
                         uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
                 except Exception:  # noqa: BLE001
-                    self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                    self._handle = pynvml.nvmlDeviceGetHandleByIndex(dev)
                 self.nvml_context = self._nvml_used()
             except Exception:  # noqa: BLE001 - no NVML: PyTorch's counters only
                 self._handle = None
@@ -106,7 +107,7 @@ class MemoryMonitor:
 
         nvml = self._handle is not None
         return Measured(
-            device=torch.cuda.get_device_name(0), host_rss_peak_gib=rss,
+            device=torch.cuda.get_device_name(), host_rss_peak_gib=rss,
             peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
             peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
             nvml_peak_gib=round(self.nvml_peak / GIB, 3) if nvml else None,

@@ -215,8 +215,7 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm,
                             use_calibration=req.use_calibration)
     cfg = setup.plan.config
-    planning.check_world_size(cfg, req.gpus)
-    _check_gpus(req, setup.device)
+    _check_gpus(cfg.gpus, setup.device)
     offline = _go_offline(model.local)
     if offline:
         notes.append("the Hugging Face Hub cannot be reached: using the local hub cache only "
@@ -241,15 +240,15 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
     return run_dir, state, lock
 
 
-def _check_gpus(req: RunRequest, device: str) -> None:
-    """``--gpus N`` on CUDA needs N visible GPUs (one process each)."""
-    if req.gpus > 1 and device == "cuda":
+def _check_gpus(gpus: int, device: str) -> None:
+    """``gpus`` data-parallel processes on CUDA need as many visible GPUs (one each)."""
+    if gpus > 1 and device == "cuda":
         from qplan.planner.hardware import probe
 
         n = len(probe(gpus=api.catalog().gpus).gpus)
-        if n < req.gpus:
+        if n < gpus:
             raise BadInputError(
-                f"--gpus {req.gpus} starts one training process per GPU, but {n} GPU(s) are "
+                f"--gpus {gpus} starts one training process per GPU, but {n} GPU(s) are "
                 f"visible (CUDA_VISIBLE_DEVICES); give --gpus {n} or fewer, or --cpu to run "
                 "the processes on the CPU")
 

@@ -190,6 +190,9 @@ def _set_aside(cfg: TrainConfig, new: TrainConfig, who: str,
                 "--allow-shorter-seq")
     if new.seq_len > cfg.seq_len:
         return f"plugin {who!r} proposed a longer sequence ({new.seq_len})"
+    if new.gpus != cfg.gpus:
+        return (f"plugin {who!r} proposed {new.gpus} GPU(s), but a run keeps the "
+                f"{cfg.gpus} it started with")
     if new == cfg:
         return f"plugin {who!r} proposed the same settings"
     return None
@@ -231,15 +234,3 @@ def next_config(plan: Plan, model: ModelProfile, gpu: GpuProfile, *, attempt: in
 def _diff(a: TrainConfig, b: TrainConfig) -> str:
     da, db = a.to_dict(), b.to_dict()
     return ", ".join(f"{k} {da[k]} -> {db[k]}" for k in da if da[k] != db[k])
-
-
-def check_world_size(cfg: TrainConfig, n: int) -> None:
-    """``qplan run --gpus n`` splits each optimizer step's accumulation across ``n``
-    data-parallel processes (each runs ``grad_accum / n`` micro-batches), so the effective
-    batch and the rows of every step stay the plan's: the accumulation must divide."""
-    if n > 1 and cfg.grad_accum % n:
-        a = -(-cfg.grad_accum // n) * n
-        raise BadInputError(
-            f"--gpus {n} splits each optimizer step's {cfg.grad_accum} micro-batches across "
-            f"{n} processes: the accumulation must be a multiple of {n}; give --grad-accum {a} "
-            f"(with --batch {cfg.batch_size} that is an effective batch of {a * cfg.batch_size})")

@@ -57,7 +57,8 @@ def attempt_report(rec: AttemptRecord) -> AttemptReport:
         last_step=outcome.last_step(rec), ended=outcome.ending(rec), error=outcome.error_of(rec),
         oom_phase=res.oom_phase if res else None, oom_step=res.oom_step if res else None,
         exit_code=rec.exit.exit_code if rec.exit else None,
-        wall_s=rec.exit.wall_s if rec.exit else (res.wall_s if res else 0.0))
+        wall_s=rec.exit.wall_s if rec.exit else (res.wall_s if res else 0.0),
+        rank_measured=[r.measured if r else None for r in rec.ranks])
 
 
 def build_report(run_dir: Path, state: RunState, attempts: list[AttemptRecord], status: str,
@@ -151,6 +152,11 @@ def summary_text(r: RunReport) -> str:
             steady += f" ({a.predicted_tokens_per_s:,.0f})"
         lines.append(f"| {a.attempt} | {_settings(a.settings)} | {_gib(a.estimated_peak_gib)} | "
                      f"{_measured(a.measured)} | {tps} | {steady} | {steps} | {_ended(a)} |")
+    ranked = [a for a in r.attempts if a.rank_measured]
+    if ranked:
+        lines += ["", "Each GPU's process (the estimate is per GPU):"]
+        lines += [f"- attempt {a.attempt}, rank {k}: {_measured(m)}"
+                  for a in ranked for k, m in enumerate(a.rank_measured)]
     changes = [(a.attempt, a.change) for a in r.attempts if a.change]
     if changes:
         lines += ["", "Changes after out-of-memory errors:"]

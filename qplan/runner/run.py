@@ -243,12 +243,16 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
 
 
 def _world_size(r: Run) -> int:
-    """The data-parallel processes of the next attempt (``--gpus``)."""
-    planning.check_world_size(r.cfg, r.req.gpus)
-    return r.req.gpus
+    """The data-parallel processes of the next attempt (the settings' ``gpus``)."""
+    return r.cfg.gpus
 
 
 def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[str, str]:
+    """The training processes' environment: the plan's, the allocator setting, and the GPUs
+    they may see: none on CPU, else the first ``cfg.gpus`` of those visible (rank k uses the
+    k-th). Left to see every GPU, transformers' Trainer would run one process over all of
+    them (DataParallel) with a per-device batch times their number: seen on 2 H200s, a
+    1-GPU plan's micro-batch doubled and peaked at twice its estimate."""
     import os
 
     env = dict(os.environ)
@@ -263,6 +267,11 @@ def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        seen = env.get("CUDA_VISIBLE_DEVICES")
+        ids = ([x.strip() for x in seen.split(",") if x.strip()] if seen is not None
+               else [str(k) for k in range(cfg.gpus)])
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:cfg.gpus])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -75,6 +75,11 @@ def read_state(run_dir: Path) -> RunState:
         if isinstance(data, dict) and data.get("version", STATE_VERSION) != STATE_VERSION:
             raise ValueError(f"version {data.get('version')!r}; this qplan reads version "
                              f"{STATE_VERSION}")
+        req = data.get("request") if isinstance(data, dict) else None
+        if isinstance(req, dict) and "gpus" in req:  # stop 16's run.json: --gpus was its own
+            n = req.pop("gpus")
+            if n not in (None, 1) and isinstance(req.get("overrides"), dict):
+                req["overrides"]["gpus"] = n
         return P.from_dict(RunState, data, RUN_FILE)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError,
             BadInputError) as e:
@@ -98,6 +103,9 @@ class AttemptRecord:
     result: P.AttemptResult | None  # None: the child was killed (it writes none then)
     exit: P.AttemptExit | None  # None: the parent stopped while the child ran
     steps: list[P.StepRecord]
+    # with several data-parallel processes: each rank's own result (rank 0 first; None
+    # where a rank wrote none), whichever rank's result the attempt took as its own
+    ranks: list[P.AttemptResult | None] = field(default_factory=list)
 
 
 def attempt_dir(run_dir: Path, n: int) -> Path:
@@ -127,10 +135,17 @@ def load_attempts(run_dir: Path) -> list[AttemptRecord]:
         d = attempt_dir(run_dir, n)
         if not (d / "attempt.json").is_file():
             continue  # the parent stopped before the attempt started: nothing ran
-        out.append(AttemptRecord(spec=P.read(P.AttemptSpec, d / "attempt.json"),
-                                 result=_optional(P.AttemptResult, d / "result.json"),
+        spec = P.read(P.AttemptSpec, d / "attempt.json")
+        result = _optional(P.AttemptResult, d / "result.json")
+        ranks = []
+        if spec.world_size > 1:
+            own = d / "result.rank0.json"
+            ranks = [_optional(P.AttemptResult, own) if own.exists() else result]
+            ranks += [_optional(P.AttemptResult, d / f"rank{k}" / "result.json")
+                      for k in range(1, spec.world_size)]
+        out.append(AttemptRecord(spec=spec, result=result,
                                  exit=_optional(P.AttemptExit, d / "exit.json"),
-                                 steps=P.read_steps(d / "steps.jsonl")))
+                                 steps=P.read_steps(d / "steps.jsonl"), ranks=ranks))
     return out
 
 

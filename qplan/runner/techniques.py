@@ -287,13 +287,32 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
     if cfg.loss == "standard":
         return model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids, labels=labels).loss
-    decoder, head, cap, scale = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids).last_hidden_state
-    shift_h = hidden[:, :-1, :]
-    shift_y = labels[:, 1:]
-    return chunked_cross_entropy(shift_h, head.weight, shift_y, softcap=cap, scale=scale,
-                                 chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
+
+    def fused(m):
+        decoder, head, cap, scale = _decoder_and_head(m)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state
+        return chunked_cross_entropy(hidden[:, :-1, :], head.weight, labels[:, 1:],
+                                     softcap=cap, scale=scale,
+                                     chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
+    return through_wrapper(model, fused)
+
+
+def through_wrapper(model, fn):
+    """``fn(module)`` for a model that may be wrapped in DistributedDataParallel (``qplan run
+    --gpus N``): run inside the wrapper's forward, with the wrapped module's ``forward`` set
+    to ``fn`` for the call, since DDP syncs gradients only for passes through its forward
+    (calling the decoder inside it directly would skip that)."""
+    import torch
+
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return fn(model)
+    inner = model.module
+    inner.forward = lambda **_: fn(inner)  # an instance attribute: shadows the class's forward
+    try:  # one keyword: with no inputs at all DDP on a GPU fails (IndexError, seen on H200s)
+        return model(qplan_through=True)
+    finally:
+        del inner.forward
 
 
 def label_tokens(labels) -> int:

@@ -56,9 +56,6 @@ class RunRequest:
     simulate_gpu: str | None = None
     gpu: str | None = None
     cpu: bool = False
-    # training processes, one per GPU (on CPU: processes), data-parallel (DDP); each optimizer
-    # step's accumulation is split across them, so the effective batch is the plan's
-    gpus: int = 1
     resume: str | None = None
     progress: bool = True
     use_calibration: bool = True  # --calibration/--no-calibration
@@ -88,8 +85,7 @@ class RunRequest:
         for flag, v, lo in (("--max-steps", self.max_steps, 1), ("--save-steps", self.save_steps, 1),
                             ("eval_steps", self.eval_steps, 1), ("--max-attempts", self.max_attempts, 1),
                             ("keep_checkpoints", self.keep_checkpoints, 1),
-                            ("--effective-batch", self.effective_batch, 1),
-                            ("--gpus", self.gpus, 1)):
+                            ("--effective-batch", self.effective_batch, 1)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 p.append(f"{flag} must be an integer >= {lo} (got {v!r})")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -126,6 +122,9 @@ class AttemptReport:
     oom_step: int | None = None
     exit_code: int | None = None  # None: its supervising process stopped while it ran
     wall_s: float = 0.0
+    # data-parallel attempts (settings' gpus > 1): what each rank measured, rank 0 first
+    # (the estimate is per GPU); empty for one process
+    rank_measured: list[Measured | None] = field(default_factory=list)
 
 
 @dataclass
