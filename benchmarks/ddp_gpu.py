@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def _suggest(model: str, card: str, seq: int, knobs, gpus: int, plan: Path, cpu:
     return json.loads(p.stdout)
 
 
-def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, cpu: bool) -> dict:
+def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, cpu: bool,
+         profile: Path | None = None) -> dict:
     args = ["run", "--plan", str(plan), "--model", str(mdir), "--data", str(data),
             "--max-steps", str(steps), "--save-steps", "1000", "--max-attempts", "1",
             "--output", str(out), "--quiet", "--json"]
@@ -107,7 +109,12 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
     elif card != "h200":
         args += ["--simulate-gpu", card]
     t0 = time.time()
-    p = qplan(*args, cwd=out.parent)
+    if profile is not None:  # the training process's host time by function (rank 0)
+        os.environ["QPLAN_PROFILE"] = str(profile)
+    try:
+        p = qplan(*args, cwd=out.parent)
+    finally:
+        os.environ.pop("QPLAN_PROFILE", None)
     rep = out / "report.json"
     if not rep.exists():
         return {"status": "no report", "stderr": p.stderr[-2000:], "stdout": p.stdout[-1000:]}
@@ -123,13 +130,13 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
 
 
 def pair(model: str, card: str, seq: int, knobs, steps: int, name: str, work: Path,
-         cpu: bool) -> list[dict]:
+         cpu: bool, gpus_list=(1, 2), profile: Path | None = None) -> list[dict]:
     d = work / name.replace(" ", "_")
     d.mkdir(parents=True)
     mdir = d / "model"
     build_model(model, 2 if cpu else None, mdir, "cpu" if cpu else "cuda")
     recs = []
-    for gpus in (1, 2):
+    for gpus in gpus_list:
         plan = d / f"plan{gpus}.yaml"
         sug = _suggest(model, card, seq, knobs, gpus, plan, cpu, mdir)
         rec: dict = {"case": "pair", "name": name, "model": model, "card": card, "seq": seq,
@@ -143,7 +150,10 @@ def pair(model: str, card: str, seq: int, knobs, steps: int, name: str, work: Pa
         s = 64 if cpu else cfg["seq_len"]
         data = write_data(d / f"data{gpus}.jsonl", "packed", s,
                           rows=cfg["batch_size"] * cfg["grad_accum"] * (steps + 1))
-        rec.update(_run(plan, mdir, data, d / f"run{gpus}", steps, card, cpu))
+        prof = profile.with_name(f"{profile.stem}-{gpus}gpu.txt") if profile else None
+        rec.update(_run(plan, mdir, data, d / f"run{gpus}", steps, card, cpu, prof))
+        if prof is not None:
+            rec["profiled"] = True  # under cProfile: its speed is not comparable
         recs.append(rec)
         print(f"{name} gpus={gpus}: {rec.get('status')} steady {rec.get('steady_tokens_per_s')} "
               f"(predicted {rec.get('predicted_tokens_per_s')}) est {rec.get('estimated_peak_gib')}",
@@ -167,7 +177,7 @@ def report(paths: list[Path]) -> str:
                       "| float32 MiB | ms | bus GB/s |", "|---|---|---|"]
             lines += [f"| {x['mib']} | {x['s'] * 1e3:.2f} | {x['busbw_gbs']:.0f} |" for x in res]
             lines.append("")
-    pairs = [r for r in rows if r["case"] == "pair"]
+    pairs = [r for r in rows if r["case"] == "pair" and not r.get("profiled")]
     if pairs:
         lines += ["## Throughput and memory per GPU", "",
                   "| case | GPUs | plan | predicted tok/s | measured steady tok/s | error | "
@@ -224,7 +234,14 @@ NOTES = [
     "- Speed: the runner's own cost per micro-batch is not in the speed model (it is fitted to "
     "the speed grid's harness, `benchmarks/speed_grid.py`): at batch 1 on a 1B model `qplan run` "
     "measured about half the harness's tokens/s; at batch 4 on a 4B model 5% under the "
-    "prediction.", ""]
+    "prediction. The same 1-GPU llama-3.2-1b run measured 4,377 and 5,421 (profiled) tokens/s "
+    "in two calls.",
+    "- Where the runner's time went (`raw/h200x2_ddp3_profile.txt`: cProfile of that 1-GPU "
+    "llama-3.2-1b run's training process, `--profile`): the memory monitor's sampling thread "
+    "took 10.7 s of the 53 s attempt (8.7 ms a sample every 20 ms: NVML and psutil calls "
+    "holding Python's lock against the training loop). The monitor now samples from a process "
+    "of its own (`qplan.runner.sampler`); on the CPU the tiny model's steps got 6% faster. Not "
+    "re-measured on the GPUs (the device time was spent).", ""]
 
 
 def main() -> int:
@@ -234,6 +251,9 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated case names (allreduce, or a pair's name)")
     ap.add_argument("--deadline", type=float, default=0, help="start no case after this many s")
     ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--pair-gpus", default="1,2", help="the GPU counts each pair runs")
+    ap.add_argument("--profile", type=Path, help="cProfile each run's training process (rank "
+                    "0) into this file's folder (NAME-<n>gpu.txt)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -254,7 +274,9 @@ def main() -> int:
         if args.deadline and time.time() - start > args.deadline:
             print(f"{name}: not started (deadline)", flush=True)
             continue
-        recs = [allreduce(work)] if p is None else pair(*p, work=work, cpu=args.cpu_dry_run)
+        recs = [allreduce(work)] if p is None else pair(
+            *p, work=work, cpu=args.cpu_dry_run,
+            gpus_list=[int(x) for x in args.pair_gpus.split(",")], profile=args.profile)
         with open(args.out, "a") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")

@@ -271,6 +271,28 @@ def _failed(spec: P.AttemptSpec, e: BaseException) -> P.AttemptResult:
                            traceback=traceback.format_exc(), oom_phase="load" if oom else None)
 
 
+def _profiled(fn, *args):
+    """``fn(*args)``, under cProfile when ``QPLAN_PROFILE`` names a file (rank 0 only): the
+    host time of a training process by function (benchmarks/ddp_gpu.py --profile), written
+    there as text."""
+    path = os.environ.get("QPLAN_PROFILE")
+    if not path or rank() != 0:
+        return fn(*args)
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn, *args)
+    finally:
+        out = io.StringIO()
+        st = pstats.Stats(prof, stream=out)
+        st.sort_stats("tottime").print_stats(45)
+        st.sort_stats("cumulative").print_stats(60)
+        Path(path).write_text(out.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     from qplan.runner.supervise import watch_parent
 
@@ -286,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     t0 = time.time()
     try:
-        result = train(spec, stop)
+        result = _profiled(train, spec, stop)
     except KeyboardInterrupt:
         result = P.AttemptResult(status=INTERRUPTED, global_step=spec.resumed_from,
                                  start_step=spec.resumed_from, signal="SIGINT",

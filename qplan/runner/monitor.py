@@ -3,7 +3,9 @@
 On a GPU: PyTorch's counters (``max_memory_reserved`` is what the caching allocator held,
 ``max_memory_allocated`` what tensors used) and NVML's view of this process, which also
 counts the CUDA context and kernels (what ``nvidia-smi`` shows), sampled every 20 ms by a
-thread. On CPU there is no device memory; the process's resident memory (RSS) is reported.
+process of its own (:mod:`qplan.runner.sampler`; a thread here would take Python's lock from
+the training loop every sample). On CPU there is no device memory; the process's resident
+memory (RSS) is reported.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ class MemoryMonitor:
         self.nvml_context = None  # bytes in use after CUDA started, before the model
         self.rss_peak = 0
         self._handle = None
+        self._uuid = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sampler = None  # the sampler process (a thread if it cannot start)
         import psutil
 
         self._proc = psutil.Process()
@@ -45,13 +49,47 @@ class MemoryMonitor:
             return None
 
     def sample(self) -> None:
+        """A reading now, with the peaks the sampler process saw since the last one."""
         try:
             self.rss_peak = max(self.rss_peak, self._proc.memory_info().rss)
         except Exception:  # noqa: BLE001 - a failed sample is just skipped
             pass
+        if self._sampler is not None:
+            self._ask("peek")
+            return
         used = self._nvml_used()
         if used is not None:
             self.nvml_peak = max(self.nvml_peak, used)
+
+    def _ask(self, what: str) -> None:
+        """The sampler's peaks (``peek``; ``stop`` ends it). A sampler that stopped answering
+        leaves the in-process readings."""
+        import json
+
+        p = self._sampler
+        try:
+            p.stdin.write(what + "\n")
+            p.stdin.flush()
+            got = json.loads(p.stdout.readline())
+        except (OSError, ValueError):
+            self._sampler = None
+            return
+        self.rss_peak = max(self.rss_peak, int(got.get("rss") or 0))
+        if got.get("nvml") is not None:
+            self.nvml_peak = max(self.nvml_peak, int(got["nvml"]))
+
+    def _start_sampler(self) -> bool:
+        import subprocess
+        import sys
+
+        try:
+            self._sampler = subprocess.Popen(
+                [sys.executable, "-m", "qplan.runner.sampler", str(os.getpid()),
+                 self._uuid if self._handle is not None else "", str(self.interval_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        except OSError:
+            self._sampler = None
+        return self._sampler is not None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -69,16 +107,20 @@ class MemoryMonitor:
                 pynvml.nvmlInit()
                 try:  # the GPU torch calls dev (CUDA_VISIBLE_DEVICES may renumber)
                     uuid = str(torch.cuda.get_device_properties(dev).uuid)
-                    self._handle = pynvml.nvmlDeviceGetHandleByUUID(
-                        uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+                    self._uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+                    self._handle = pynvml.nvmlDeviceGetHandleByUUID(self._uuid)
                 except Exception:  # noqa: BLE001
                     self._handle = pynvml.nvmlDeviceGetHandleByIndex(dev)
+                    self._uuid = pynvml.nvmlDeviceGetUUID(self._handle)
+                    if isinstance(self._uuid, bytes):
+                        self._uuid = self._uuid.decode()
                 self.nvml_context = self._nvml_used()
             except Exception:  # noqa: BLE001 - no NVML: PyTorch's counters only
                 self._handle = None
         self.sample()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="qplan-memory")
-        self._thread.start()
+        if not self._start_sampler():
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="qplan-memory")
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -86,6 +128,15 @@ class MemoryMonitor:
         if self._thread is not None:
             self._thread.join(timeout=1)
         self.sample()
+        if self._sampler is not None:
+            p = self._sampler
+            self._ask("stop")
+            self._sampler = None
+            try:
+                p.stdin.close()
+                p.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - it ends with the training process anyway
+                p.kill()
 
     # -- readings -----------------------------------------------------------
     def current(self) -> tuple[float, float]:
