@@ -16,9 +16,11 @@ seen.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import itertools
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # speed_grid: the repeats' summary
 
 from qplan import api  # noqa: E402
 from qplan.planner import speed as S  # noqa: E402
@@ -154,6 +157,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
                      f" | {'yes' if c.packed_rows else 'no'} | {r['measured']:.0f} | {p_all:.0f}"
                      f" | {p:.0f} | {e:+.0%} |")
     abs_e = sorted(abs(e) for e in errs)
+    base_lomo = (statistics.median(abs_e), max(errs, key=abs), None)
     lines += ["", f"## Grid: {len(grid)} configurations, {len({r['model'] for r in grid})} models",
               "", f"Leave-one-model-out error of predicted tokens/s: median {statistics.median(abs_e):.0%},"
               f" worst {max(errs, key=abs):+.0%}; within 25%: {sum(a <= .25 for a in abs_e)}/{len(errs)}.",
@@ -214,7 +218,199 @@ def report(rows: list[dict]) -> tuple[str, dict]:
                       f"{seeds[True] / seeds[False]:.2f}x."]
             summary["seeds_speedup"] = seeds[True] / seeds[False]
         summary.update(rank_spearman=rho, rank_pairs=per_pair)
+    if REPEAT:
+        more, summary["repeatability"] = repeat_section(grid, k, base_lomo)
+        lines += more
     return "\n".join(lines) + "\n", summary
+
+
+# --- repeatability: fresh-process repeats (speed_grid.py --repeat) ---------------------------
+REPEAT = sorted((ROOT / "benchmarks/results/raw").glob("h200_speed_repeat*.jsonl"))
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r.get("layers") or None, TrainConfig.from_dict(r["settings"]))
+
+
+def repeat_rows(paths=None, grid_paths=None) -> list[dict]:
+    """Per configuration of the fresh-process repeats (first-seen order): the summary of
+    :func:`speed_grid.repeat_summary`, the within-process spread of the step times, and the
+    one-process values of the same model and settings in the grid files (any tag and cap)."""
+    import speed_grid
+
+    recs = [json.loads(x) for p in paths or REPEAT for x in Path(p).read_text().splitlines()]
+    one = [json.loads(x) for p in grid_paths or RAW for x in Path(p).read_text().splitlines()]
+    one = [r for r in one if r.get("status") == "ok"]
+    out = []
+    for s in speed_grid.repeat_summary(recs):
+        rs = [r for r in recs if r["item"] == s["item"] and r.get("status") == "ok"]
+        key = _key(rs[0] if rs else s)
+        s["within_cv"] = statistics.median(
+            statistics.stdev(r["step_s"]) / statistics.fmean(r["step_s"]) for r in rs
+            if len(r["step_s"]) > 1) if rs else None
+        s["one_process"] = [(r["tag"], r.get("cap_gib"), r["tokens_per_s"]) for r in one
+                            if _key(r) == key]
+        every = s["tokens_per_s"] + [t for _, _, t in s["one_process"]]
+        s["cv_all"] = (statistics.stdev(every) / statistics.fmean(every), len(every)) \
+            if len(every) > 1 else None
+        s["cfg"] = key[2]
+        out.append(s)
+    return out
+
+
+def substituted(grid: list[dict], reps: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The grid rows with a fresh-process median (uncapped repeats of the same model and
+    settings) in place of the one-process value; and the rows replaced."""
+    fresh = {(s["model"], s["layers"] or None, s["cfg"]): s["median"] for s in reps
+             if not s["cap_gib"] and s["median"]}
+    out, changed = [], []
+    for r in grid:
+        m = fresh.get((r["model"], r["layers"] or None, r["cfg"]))
+        if m is None:
+            out.append(r)
+            continue
+        tokens = r["cfg"].seq_len * r["cfg"].batch_size
+        nr = {**r, "measured": m, "step_s": tokens / m}
+        out.append(nr)
+        changed.append(nr)
+    return out, changed
+
+
+def lomo(grid: list[dict]) -> tuple[float, float, dict]:
+    """Leave-one-model-out: (median |error|, worst error, error per row id)."""
+    errs = {}
+    for model in dict.fromkeys(r["model"] for r in grid):
+        kk = fit([x for x in grid if x["model"] != model])
+        for r in grid:
+            if r["model"] == model:
+                errs[id(r)] = predict(r, kk) / r["measured"] - 1
+    e = list(errs.values())
+    return statistics.median(abs(x) for x in e), max(e, key=abs), errs
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def _plan(c: TrainConfig) -> str:
+    return (f"{c.seq_len}x{c.batch_size} ckpt {'on' if c.grad_ckpt else 'off'} {c.loss}"
+            f"{' packed' if c.packed_rows else ''}{', embeddings on CPU' if c.embed_on_cpu else ''}"
+            f"{', norms recomputed' if c.recompute_norms else ''}")
+
+
+def repeat_section(grid: list[dict], k, base_lomo) -> tuple[list[str], dict]:
+    """The report's Repeatability section, and its summary figures."""
+    reps = repeat_rows()
+    recs = [json.loads(x) for p in REPEAT for x in Path(p).read_text().splitlines()]
+    ok = [r for r in recs if r.get("status") == "ok"]
+    steps = sorted({(r.get("warmup"), r.get("steps")) for r in ok})
+    alloc = sorted({r.get("alloc_conf") or "default" for r in ok})
+    lines = ["", "## Repeatability: each configuration in its own process", "",
+             "From " + ", ".join(f"`{_rel(p)}`" for p in REPEAT)
+             + " (`benchmarks/speed_grid.py --repeat noise`): each configuration timed in a "
+             "fresh process (the saved model loaded, timed, the process ended), rounds "
+             "interleaved (A B C A B C ...), "
+             + ", ".join(f"{w} warm-up + {n} timed steps" for w, n in steps)
+             + f", allocator `{', '.join(alloc)}` as the trainer sets it, on "
+             + ", ".join(sorted({r.get('gpu', '?') for r in ok})) + ". Tokens/s of a process: "
+             "the batch's tokens over its median step. CV: sample standard deviation over "
+             "mean of the processes' tokens/s; within: the median over processes of the CV of "
+             "their 8 step times. One-process: the same model and settings in the grid files "
+             "(one configuration after another on one loaded model; rank rows capped to the "
+             "card as noted).", "",
+             "| configuration | plan | cap GiB | tok/s per process | min / median / max | CV "
+             "| within | alloc retries | peak reserved GiB | one-process tok/s | fresh median "
+             "vs one-process | CV of all (n) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in reps:
+        one = s["one_process"]
+        ones = ", ".join(f"{t:.0f}" + (f" (cap {c:.2f})" if c else "") for _, c, t in one)
+        bias = ", ".join(f"{s['median'] / t - 1:+.0%}" for _, _, t in one) if s["median"] else ""
+        cap = f"{s['cap_gib']:.2f}" if s["cap_gib"] else "-"
+        blocks = f" ({s['layers']} blocks)" if s["layers"] else ""
+        lines.append(
+            f"| {s['item']} | {s['model']}{blocks} {_plan(s['cfg'])} | {cap}"
+            f" | {' / '.join(f'{x:.0f}' for x in s['tokens_per_s'])}"
+            + (f" ({', '.join(s['failed'])})" if s["failed"] else "")
+            + (f" | {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f}" if s["median"] else " | -")
+            + (f" | {s['cv']:.1%}" if s["cv"] is not None else " | -")
+            + (f" | {s['within_cv']:.1%}" if s["within_cv"] is not None else " | -")
+            + f" | {', '.join(str(x) for x in s['alloc_retries'])}"
+            + f" | {', '.join(f'{x:.1f}' for x in s['peak_reserved_gib'] if x is not None)}"
+            + f" | {ones or '-'} | {bias or '-'}"
+            + (f" | {s['cv_all'][0]:.1%} ({s['cv_all'][1]}) |" if s["cv_all"] else " | - |"))
+    cvs = [s["cv"] for s in reps if s["cv"] is not None]
+    summary: dict = {"configurations": len(reps), "processes": len(recs),
+                     "cv_median": statistics.median(cvs) if cvs else None,
+                     "cv_max": max(cvs) if cvs else None}
+    counts = collections.Counter(s["runs"] for s in reps)
+    builds = [int(m) for p in REPEAT if p.with_suffix(".log").exists()
+              for m in re.findall(r"built .* in (\d+) s", p.with_suffix(".log").read_text())]
+    if ok and all("wall_s" in r and "load_s" in r for r in ok):
+        lines += ["", f"{len(recs)} processes ran: "
+                  + ", ".join(f"{c} configuration{'s' * (c > 1)} {n} time{'s' * (n > 1)}"
+                              for n, c in sorted(counts.items(), reverse=True))
+                  + ". A fresh process took "
+                  f"{min(r['wall_s'] for r in ok):.0f}-{max(r['wall_s'] for r in ok):.0f} s "
+                  f"(loading the libraries and the 4-bit model {min(r['load_s'] for r in ok):.0f}-"
+                  f"{max(r['load_s'] for r in ok):.0f} s) whatever the model's size"
+                  + (f", building a model {min(builds)}-{max(builds)} s" if builds else "") + "."]
+    if cvs:
+        spans = [s["max"] / s["min"] - 1 for s in reps if s["median"] and len(s["tokens_per_s"]) > 1]
+        lines += ["", f"Spread across fresh processes: CV median {statistics.median(cvs):.1%}, "
+                  f"largest {max(cvs):.1%} over {len(cvs)} configurations; the fastest process "
+                  f"of a configuration is up to {max(spans):.0%} faster than its slowest."]
+        summary["max_over_min_max"] = max(spans)
+    plans: dict = {}  # every measurement of a plan: its items' processes (capped or not), and
+    for s in reps:    # the one-process values once
+        key = (s["model"], s["layers"], s["cfg"])
+        got = plans.setdefault(key, {"item": s["item"], "fresh": [], "one": s["one_process"]})
+        got["fresh"] += s["tokens_per_s"]
+    key, big = max(plans.items(), key=lambda kv: len(kv[1]["fresh"]) + len(kv[1]["one"]),
+                   default=(None, None))
+    every = sorted(big["fresh"] + [t for _, _, t in big["one"]]) if big else []
+    if len(every) > 2:
+        cv = statistics.stdev(every) / statistics.fmean(every)
+        lines += ["", f"The most-measured plan ({key[0]} {_plan(key[2])}, as "
+                  f"`{big['item']}`): {len(every)} measurements, fresh and one-process, capped and "
+                  f"not, {every[0]:.0f}-{every[-1]:.0f} tok/s, CV {cv:.0%}. A configuration "
+                  f"measured once with that noise leaves a perfect model a median held-out "
+                  f"error of about {0.674 * cv:.0%} (0.674 CV) and, over 20 such rows, a worst "
+                  f"of about {2.17 * cv:.0%} (the expected largest of 20 absolute normal deviations)."]
+        summary["most_measured"] = {"plan": big["item"], "n": len(every), "cv": cv,
+                                    "min": every[0], "max": every[-1]}
+    # capped vs uncapped: the same model and settings
+    pairs = []
+    for s in reps:
+        if not s["cap_gib"] or not s["median"]:
+            continue
+        for u in reps:
+            if not u["cap_gib"] and u["median"] and (u["model"], u["layers"], u["cfg"]) == (
+                    s["model"], s["layers"], s["cfg"]):
+                pairs.append((s, u))
+    if pairs:
+        lines += ["", "Capped vs uncapped (same plan, fresh processes): "
+                  + "; ".join(f"{s['item']}: {s['median']:.0f} vs {u['median']:.0f} tok/s "
+                              f"({s['median'] / u['median'] - 1:+.0%}), alloc retries "
+                              f"{sum(x or 0 for x in s['alloc_retries'])} vs "
+                              f"{sum(x or 0 for x in u['alloc_retries'])}" for s, u in pairs) + "."]
+        summary["capped_over_uncapped"] = {s["item"]: s["median"] / u["median"] for s, u in pairs}
+    # fresh medians in place of the grid's one-process values: the held-out error
+    sub, changed = substituted(grid, reps)
+    if changed:
+        m0, w0, _ = base_lomo
+        m1, w1, errs = lomo(sub)
+        k1 = fit(sub)
+        lines += ["", f"The fit with the fresh-process medians in place of the {len(changed)} grid "
+                  f"rows measured both ways: leave-one-model-out median {m1:.1%}, worst {w1:+.0%} "
+                  f"(one-process values: median {m0:.1%}, worst {w0:+.0%}); held-out error of "
+                  "those rows: " + ", ".join(
+                      f"{r['model']} {_plan(r['cfg'])} {errs[id(r)]:+.0%}" for r in changed)
+                  + "; coefficients " + ", ".join(f"`{n}` {k1[0][n]:.4g}" for n in NAMES)
+                  + f", overlap {k1[1]:.4g}."]
+        summary["with_fresh_medians"] = {"held_out_median_abs_error": m1,
+                                         "held_out_worst_error": w1,
+                                         "coefficients": k1[0], "overlap": k1[1]}
+    return lines, summary
 
 
 def write_coefficients(k: dict[str, float], overlap: float) -> None:
@@ -228,7 +424,9 @@ def write_coefficients(k: dict[str, float], overlap: float) -> None:
     s = s[:a] + body + s[b:]
     a = s.index("SPEED_OVERLAP = ")
     b = s.index("\n", a)
-    p.write_text(s[:a] + f"SPEED_OVERLAP = {overlap:.4g}" + s[b:])
+    s = s[:a] + f"SPEED_OVERLAP = {overlap:.4g}" + s[b:]
+    if s != p.read_text():  # the same fit: leave the file alone
+        p.write_text(s)
 
 
 def main() -> int:

@@ -12,7 +12,25 @@ one micro-batch under bf16 autocast, through qplan.runner.techniques like the ru
   the chosen one among them, each timed the same way (PyTorch's allocator capped to the
   card, as ``qplan run --simulate-gpu`` does): where does the chosen plan rank?
 
+A third mode measures how repeatable those numbers are:
+
+* ``--repeat SET --times R``: each configuration of a set (``noise``: the rtx-4090 ranking
+  plans that scattered, capped and uncapped, and the grid rows with the largest held-out
+  errors; or a JSON file of items) in its OWN fresh process (load the saved model, time,
+  exit; the allocator set as the trainer sets it), R rounds interleaved (A B C A B C ...) so
+  that drift and configuration separate; 3 warm-up and 8 timed steps; each record has every
+  step time, the median, tokens/s, the allocator's alloc retries, peak reserved, the repeat,
+  the cap and the pid. ``--deadline`` starts no process that would end after it. On the
+  H200 machine a fresh process takes 25-40 s whatever the model's size (the libraries and
+  the 4-bit load 13-18 s of it) and a build 16-43 s: the first call (deadline 470 s,
+  results/raw/h200_speed_repeat.jsonl) ran 10 processes, round 1 and 3 configurations of
+  round 2. Since that call each build is followed by a sync (the shards' writeback may
+  compete with the next process's timing: both processes timed right after a build there
+  were the slower of their pairs, by 28% and 7%) and records say ``after_build``.
+
 Usage (GPU machine): python benchmarks/speed_grid.py --grid --rank --out "$OUT/speed.jsonl"
+                     python benchmarks/speed_grid.py --repeat noise --times 3 --deadline 495 \
+                         --out "$OUT/h200_speed_repeat.jsonl" --log "$OUT/h200_speed_repeat.log"
                      python benchmarks/speed_grid.py --cpu-dry-run --out /tmp/speed.jsonl
 """
 from __future__ import annotations
@@ -21,6 +39,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -134,7 +153,8 @@ def undo_techniques(model) -> None:
         model._qplan_offload_pool = None
 
 
-def time_config(model, profile, cfg, steps: int, warmup: int, device: str) -> dict:
+def time_config(model, profile, cfg, steps: int, warmup: int, device: str,
+                cleanup: bool = True) -> tuple[dict, object]:
     import torch
 
     from qplan.runner import techniques as T
@@ -145,10 +165,14 @@ def time_config(model, profile, cfg, steps: int, warmup: int, device: str) -> di
     gen = torch.Generator().manual_seed(0)
     v = min(profile.vocab_size, 32000)
     times, status, err = [], "ok", ""
+    retries = []  # the caching allocator's frees-and-retries: before, after warm-up, at the end
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0))
     try:
         for i in range(warmup + steps):
+            if device == "cuda" and i == warmup:
+                retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0))
             ids = torch.randint(0, v, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
             pos = None
             if cfg.packed_rows:  # two examples a row, as qplan run's packed rows
@@ -169,6 +193,14 @@ def time_config(model, profile, cfg, steps: int, warmup: int, device: str) -> di
            "tokens_per_s": (cfg.batch_size * cfg.seq_len / statistics.median(times)) if times else None}
     if device == "cuda":
         rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        rec["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        stats = torch.cuda.memory_stats()
+        retries += [stats.get("num_alloc_retries", 0)] * (3 - len(retries))
+        rec["num_alloc_retries"] = retries[2] - retries[0]  # over warm-up and timed steps
+        rec["alloc_retries_timed"] = retries[2] - retries[1]
+        rec["num_ooms"] = stats.get("num_ooms", 0)
+    if not cleanup:  # a fresh process: it exits next
+        return rec, None
     del opt
     base = peft_model.unload()
     del peft_model
@@ -248,6 +280,262 @@ def run_model_parts(model: str, layers, parts, out_path: str, device: str) -> No
                       f"{rec['tokens_per_s'] and round(rec['tokens_per_s'])} tok/s", flush=True)
 
 
+# --- fresh-process repeats (--repeat) -------------------------------------------------------
+# Each configuration timed in its own Python process (load the model, time, exit), R times in
+# interleaved order (A B C A B C ...), so that a configuration's effect and drift over the run
+# separate. An item: name, model, layers (blocks; None: all), settings (over BASE, or over
+# RANK_BASE with rank=True), cap (a card whose simulation cap is applied, a number of GiB, or
+# None), tier (1 by default: every round of tier 1 runs before tier 2's).
+# The rtx-4090 ranking plans of Llama-3.1-8B at batch 1 (as the rank part timed them: the
+# same settings measured 3,994 and 5,231 tok/s in two runs of one-process timing)
+RANK_BASE = dict(seq_len=2048, batch_size=1, grad_accum=16, lora_rank=16, lora_alpha=32,
+                 lora_dropout=0.0, grad_ckpt=False, optim="paged_adamw_8bit", prepare="lean",
+                 loss="standard", packed_rows=True)
+NOISE = [  # tier 1: every round of these first (the most important first in a round); then
+    # tier 2's rounds, as long as the deadline allows
+    dict(name="4090-fused-capped", model="llama-3.1-8b", layers=None, rank=True,
+         settings=dict(loss="fused"), cap="rtx-4090"),
+    dict(name="4090-fused-uncapped", model="llama-3.1-8b", layers=None, rank=True,
+         settings=dict(loss="fused"), cap=None),
+    dict(name="gemma-3-1b-2048x1-ckpt", model="gemma-3-1b", layers=None,
+         settings=GRID["gemma-3-1b"][1][1], cap=None),
+    dict(name="smollm2-360m-2048x1", model="smollm2-360m", layers=None,
+         settings=GRID2["smollm2-360m"][1][0], cap=None),
+    dict(name="qwen2.5-1.5b-4096x2-ckpt-packed", model="qwen2.5-1.5b", layers=None,
+         settings=GRID2["qwen2.5-1.5b"][1][2], cap=None),
+    dict(name="llama-3.2-1b-1024x1-standard", model="llama-3.2-1b", layers=None,
+         settings=GRID["llama-3.2-1b"][1][0], cap=None),
+    dict(name="llama-3.2-3b-2048x1", model="llama-3.2-3b", layers=None,
+         settings=GRID["llama-3.2-3b"][1][0], cap=None),
+    dict(name="4090-chosen-capped", model="llama-3.1-8b", layers=None, rank=True,
+         settings=dict(embed_on_cpu=True), cap="rtx-4090", tier=2),
+    dict(name="4090-chosen-uncapped", model="llama-3.1-8b", layers=None, rank=True,
+         settings=dict(embed_on_cpu=True), cap=None, tier=2),
+    dict(name="4090-fused-norms-capped", model="llama-3.1-8b", layers=None, rank=True,
+         settings=dict(loss="fused", recompute_norms=True), cap="rtx-4090", tier=2),
+]
+REPEAT_SETS = {"noise": NOISE}
+
+
+def repeat_items(name_or_file: str, small: bool) -> list[dict]:
+    """The items of a repeat set (a name of :data:`REPEAT_SETS` or a JSON file of items),
+    each with its full ``settings`` (a TrainConfig dict) and ``cap_gib`` resolved. ``small``
+    (the CPU dry run): 2 blocks, 128 tokens, at most 2 rows."""
+    from qplan import api
+    from qplan.planner.config import TrainConfig
+
+    if name_or_file in REPEAT_SETS:
+        items = REPEAT_SETS[name_or_file]
+    else:
+        items = json.loads(Path(name_or_file).read_text())
+    out = []
+    for it in items:
+        base = RANK_BASE if it.get("rank") else BASE
+        cfg = TrainConfig(**{**base, **it.get("settings", {})})
+        if small:
+            cfg = cfg.with_(seq_len=128, batch_size=min(cfg.batch_size, 2))
+        cap = it.get("cap")
+        if isinstance(cap, str):
+            from qplan.runner.planning import simulation
+
+            cap_gib = simulation(api.get_gpu(cap)).cap_bytes / 2**30
+        else:
+            cap_gib = cap
+        out.append({"name": it["name"], "model": it["model"],
+                    "layers": 2 if small else it.get("layers"), "settings": cfg.to_dict(),
+                    "cap": cap, "cap_gib": cap_gib, "tier": it.get("tier", 1)})
+    names = [x["name"] for x in out]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"repeat set {name_or_file}: item names repeat")
+    return out
+
+
+def alloc_env(cfg) -> dict:
+    """The child's environment as the trainer sets it (qplan run: expandable segments as the
+    plan says, other PYTORCH_CUDA_ALLOC_CONF options kept)."""
+    env = dict(os.environ)
+    alloc = [x for x in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",")
+             if x and not x.startswith("expandable_segments")]
+    if cfg.expandable_segments:
+        alloc.append("expandable_segments:True")
+    if alloc:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(alloc)
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"
+    return env
+
+
+def fresh_child(spec: dict, out_path: str, device: str) -> None:
+    """One configuration in this (fresh) process: load the saved model, cap the allocator
+    if asked, time the steps, write one record to ``out_path``."""
+    t0 = time.time()
+    import torch
+
+    from qplan import api
+    from qplan.planner.config import TrainConfig
+    from qplan.runner import techniques as T
+
+    t_import = time.time()
+    cfg = TrainConfig.from_dict(spec["settings"])
+    profile = api.get_model(spec["path"])
+    if profile.tie_word_embeddings and cfg.embed_on_cpu:
+        cfg = cfg.with_(embed_on_cpu=False)
+    frac = None
+    if device == "cuda" and spec.get("cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        frac = min(1.0, spec["cap_gib"] * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(frac)
+    t_load = time.time()
+    model = T.load_model(spec["path"], cfg, device_map={"": 0} if device == "cuda" else None)
+    t_loaded = time.time()
+    rec, _ = time_config(model, profile, cfg, spec["steps"], spec["warmup"], device,
+                         cleanup=False)
+    if rec["step_s"]:
+        rec["median_step_s"] = round(statistics.median(rec["step_s"]), 5)
+    import bitsandbytes
+    import transformers
+
+    rec.update(mode="fresh", item=spec["name"], repeat=spec["repeat"], order=spec["order"],
+               model=spec["model"], layers=spec["layers"], settings=cfg.to_dict(),
+               cap=spec.get("cap"), cap_gib=spec.get("cap_gib"), memory_fraction=frac,
+               pid=os.getpid(), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+               steps=spec["steps"], warmup=spec["warmup"], device=device,
+               gpu=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+               versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                         "bitsandbytes": bitsandbytes.__version__},
+               start_after_s=round(t0 - spec["launched"], 2),
+               import_s=round(t_import - t0, 2), load_s=round(t_loaded - t_load, 2),
+               child_s=round(time.time() - spec["launched"], 2),
+               loadavg=[round(x, 2) for x in os.getloadavg()])
+    with open(out_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def run_repeat(items: list[dict], times: int, out_path: str, device: str, steps: int,
+               warmup: int, deadline: float = 0, grace: float = 30, log=print) -> list[dict]:
+    """Build each model once (when first needed), then time every item in a fresh process,
+    ``times`` rounds of all items in their order. With ``deadline`` (s from the start) no
+    child starts that would end past it, as far as the item's (or its model's) last child
+    took, and a running child is killed ``grace`` s after it. Returns the records written."""
+    from qplan.planner.config import TrainConfig
+
+    start = time.time()
+    schedule = [(r, it) for tier in sorted({it["tier"] for it in items})
+                for r in range(times) for it in items if it["tier"] == tier]
+    last_use = {(it["model"], it["layers"]): n for n, (_, it) in enumerate(schedule)}
+    took: dict = {}  # item name or model key -> child wall seconds
+    dirs: dict = {}
+    failed: dict = {}
+    records = []
+    with tempfile.TemporaryDirectory(prefix="qplan-speed-repeat-") as tmp:
+        for n, (r, it) in enumerate(schedule):
+            key = (it["model"], it["layers"])
+            expect = took.get(it["name"], took.get(key, 0)) + (0 if key in dirs else 30)
+            elapsed = time.time() - start
+            if key in failed:
+                log(f"[{elapsed:5.0f} s] {it['name']} #{r}: not started (no model: {failed[key]})")
+            elif deadline and elapsed + expect > deadline:
+                log(f"[{elapsed:5.0f} s] {it['name']} #{r}: not started (deadline {deadline:.0f} s,"
+                    f" expected {expect:.0f} s)")
+            else:
+                built_now = False
+                if key not in dirs:
+                    path = Path(tmp) / f"{it['model']}-{it['layers'] or 'all'}"
+                    t0 = time.time()
+                    try:
+                        build(it["model"], it["layers"], path, device)
+                    except subprocess.CalledProcessError as e:  # disk full, say: the rest runs
+                        failed[key] = f"build exit {e.returncode}"
+                        shutil.rmtree(path, ignore_errors=True)
+                        log(f"[{time.time() - start:5.0f} s] {it['model']}: build failed "
+                            f"(exit {e.returncode}; {shutil.disk_usage(tmp).free / 2**30:.0f} GiB"
+                            " free): its configurations are not run")
+                        continue
+                    os.sync()  # the shards' writeback may compete with the next timing
+                    dirs[key] = path
+                    built_now = True
+                    log(f"[{time.time() - start:5.0f} s] built {it['model']} "
+                        f"({it['layers'] or 'all'} blocks) in {time.time() - t0:.0f} s; "
+                        f"{shutil.disk_usage(tmp).free / 2**30:.0f} GiB free")
+                spec = {**it, "path": str(dirs[key]), "repeat": r, "order": n, "steps": steps,
+                        "warmup": warmup, "launched": time.time()}
+                child_out = Path(tmp) / f"child-{n}.jsonl"
+                cmd = [sys.executable, __file__, "--out", str(child_out), "--fresh", json.dumps(spec)]
+                if device == "cpu":
+                    cmd.append("--cpu-dry-run")
+                t0 = time.time()
+                limit = max(1.0, start + deadline + grace - t0) if deadline else None
+                try:
+                    p = subprocess.run(cmd, env=alloc_env(TrainConfig.from_dict(it["settings"])),
+                                       timeout=limit, capture_output=True, text=True)
+                    rc, tail = p.returncode, (p.stderr or "")[-600:]
+                except subprocess.TimeoutExpired as e:
+                    rc, tail = "timeout", str(e.stderr or "")[-600:]
+                wall = time.time() - t0
+                took[it["name"]] = took[key] = wall
+                got = [json.loads(x) for x in child_out.read_text().splitlines()] \
+                    if child_out.exists() else []
+                if not got:  # the child died before its record: say so in the data
+                    got = [{"status": "timeout" if rc == "timeout" else "crash",
+                            "error": f"exit {rc}: {tail}", "step_s": [], "tokens_per_s": None,
+                            "mode": "fresh", "item": it["name"], "repeat": r, "order": n,
+                            "model": it["model"], "layers": it["layers"],
+                            "settings": it["settings"], "cap": it["cap"],
+                            "cap_gib": it["cap_gib"], "device": device}]
+                for rec in got:
+                    rec["wall_s"] = round(wall, 2)
+                    rec["after_build"] = built_now  # the model was built just before
+                    records.append(rec)
+                    with open(out_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                rec = got[-1]
+                log(f"[{time.time() - start:5.0f} s] {it['name']} #{r}: {rec['status']} "
+                    f"{rec['tokens_per_s'] and round(rec['tokens_per_s'])} tok/s, "
+                    f"retries {rec.get('num_alloc_retries')}, {wall:.0f} s"
+                    f" (load {rec.get('load_s')} s)")
+                if rc not in (0, "timeout") and tail:
+                    log(tail)
+            if n == last_use[key] and key in dirs:  # the model's last child: free the disk
+                shutil.rmtree(dirs.pop(key), ignore_errors=True)
+    return records
+
+
+def repeat_summary(records: list[dict]) -> list[dict]:
+    """Per item, in first-seen order: tok/s of each repeat (repeat order), min, median, max,
+    coefficient of variation (sample stdev / mean) over the repeats that ran, alloc retries."""
+    by: dict = {}
+    for r in records:
+        by.setdefault(r["item"], []).append(r)
+    out = []
+    for name, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["repeat"])
+        tps = [r["tokens_per_s"] for r in rs if r.get("status") == "ok" and r["tokens_per_s"]]
+        mean = statistics.fmean(tps) if tps else None
+        out.append({"item": name, "model": rs[0]["model"], "layers": rs[0].get("layers"),
+                    "settings": rs[0]["settings"], "cap_gib": rs[0].get("cap_gib"),
+                    "tokens_per_s": tps, "runs": len(rs),
+                    "failed": [r.get("status") for r in rs if r.get("status") != "ok"],
+                    "min": min(tps) if tps else None,
+                    "median": statistics.median(tps) if tps else None,
+                    "max": max(tps) if tps else None,
+                    "cv": statistics.stdev(tps) / mean if len(tps) > 1 else None,
+                    "alloc_retries": [r.get("num_alloc_retries") for r in rs],
+                    "peak_reserved_gib": [r.get("peak_reserved_gib") for r in rs]})
+    return out
+
+
+def print_repeat_summary(records: list[dict], log=print) -> None:
+    log("item | cap GiB | tok/s per repeat | median | CV | alloc retries")
+    for s in repeat_summary(records):
+        cv = f"{s['cv']:.1%}" if s["cv"] is not None else "-"
+        log(f"{s['item']} | {s['cap_gib'] and round(s['cap_gib'], 2)} | "
+            f"{' '.join(str(round(x)) for x in s['tokens_per_s'])} | "
+            f"{s['median'] and round(s['median'])} | {cv} | {s['alloc_retries']}"
+            + (f" | failed: {s['failed']}" if s["failed"] else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -256,15 +544,48 @@ def main() -> int:
     ap.add_argument("--seeds", action="store_true", help="the seeds' recipe and the auto plan, "
                     "Llama-3.1-8B at 2048 tokens")
     ap.add_argument("--set", default="1", choices=sorted(GRIDS), help="which grid (--grid)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per configuration")
+    ap.add_argument("--steps", type=int, help="timed steps per configuration (default 4; "
+                    "--repeat: 8; CPU dry run: 1, --repeat 2)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps per configuration (default 2; "
+                    "--repeat: 3; CPU dry run: 1)")
+    ap.add_argument("--repeat", metavar="SET_OR_FILE", help="fresh-process repeats of a set "
+                    f"of configurations: {', '.join(REPEAT_SETS)} or a JSON file of items")
+    ap.add_argument("--times", type=int, default=3, help="rounds of --repeat")
+    ap.add_argument("--grace", type=float, default=30, help="--repeat: kill a child this many "
+                    "s after --deadline")
+    ap.add_argument("--log", help="--repeat: also append the progress lines to this file")
+    ap.add_argument("--fresh", help=argparse.SUPPRESS)
     ap.add_argument("--rank-only", help="comma-separated models of the ranking check")
-    ap.add_argument("--deadline", type=float, default=0, help="start no model after this many s")
+    ap.add_argument("--deadline", type=float, default=0, help="start no model after this many s "
+                    "(--repeat: no child that would end after it)")
     ap.add_argument("--only", help="comma-separated models of the grid")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-dry-run", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.cpu_dry_run else "cuda"
+    small = args.cpu_dry_run
+    if args.fresh:  # a child process of --repeat: one configuration
+        fresh_child(json.loads(args.fresh), args.out, device)
+        return 0
+    if args.repeat:
+        steps = args.steps or (2 if small else 8)
+        warmup = args.warmup if args.warmup is not None else (1 if small else 3)
+
+        def log(line: str) -> None:
+            print(line, flush=True)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(line + "\n")
+
+        items = repeat_items(args.repeat, small)
+        log(f"--repeat {args.repeat}: {len(items)} configurations x {args.times}, "
+            f"{warmup} warm-up + {steps} timed steps each, deadline {args.deadline or 'none'}")
+        records = run_repeat(items, args.times, args.out, device, steps, warmup,
+                             deadline=args.deadline, grace=args.grace, log=log)
+        print_repeat_summary(records, log)
+        return 0
+    args.steps = args.steps or (1 if small else 4)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small else 2)
     if args.one:  # a child process: one model's part
         spec = json.loads(args.one)
         if spec["tag"] == "grid":
@@ -279,7 +600,6 @@ def main() -> int:
             run_model_parts(spec["model"], spec["layers"], parts, args.out, device)
         return 0
     specs = []
-    small = args.cpu_dry_run
     if args.grid:
         for model, (layers, cfgs) in GRIDS[args.set].items():
             if args.only and model not in args.only.split(","):
