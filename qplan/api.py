@@ -250,6 +250,10 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             msg += (f": the smallest configuration needs {smallest.memory.peak_gib:.1f} GiB "
                     f"(+{smallest.memory.band_gib:.1f} GiB uncertainty) of {lim:.1f} GiB usable; "
                     f"its largest term is {big.label} ({big.gib:.1f} GiB)")
+        if (fixed.get("gpus") or 1) > 1:
+            msg += (f"; with --gpus {fixed['gpus']} every GPU holds the whole model "
+                    "(data-parallel), so more GPUs do not make it fit (sharding it across "
+                    "them, FSDP, is not offered yet)")
         raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
                               alternatives=alts)
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,

@@ -176,3 +176,12 @@ def test_export_cli_writes_the_accelerate_config_beside_the_file(tmp_path):
     assert d["accelerate_config_written_to"] == str(acc) and acc.exists()
     assert yaml.safe_load(acc.read_text())["num_processes"] == 2
     assert d["launch"].startswith("accelerate launch --config_file accelerate_config.yaml")
+
+
+def test_a_model_too_big_for_one_card_says_more_gpus_do_not_help():
+    from qplan.errors import DoesNotFitError
+
+    m, g = api.get_model("llama-3.1-70b"), api.get_gpu("rtx-4090")
+    with pytest.raises(DoesNotFitError) as e:
+        api.suggest(m, g, seq_len=2048, fixed={"gpus": 2}, find_alternatives=False)
+    assert "every GPU holds the whole model" in str(e.value) and "FSDP" in str(e.value)

@@ -321,7 +321,7 @@ def label_tokens(labels) -> int:
 
 
 def micro_batch_loss(model, cfg: TrainConfig, input_ids, labels, *, position_ids=None,
-                     step_tokens: int | None = None):
+                     step_tokens: int | None = None, micro_tokens: int | None = None):
     """THE training step's forward: the loss of one micro-batch under autocast, as the
     runner's Trainer and every benchmark compute it.
 
@@ -335,8 +335,9 @@ def micro_batch_loss(model, cfg: TrainConfig, input_ids, labels, *, position_ids
 
     with torch.autocast(input_ids.device.type, dtype=torch_dtype(cfg)):
         loss = causal_lm_loss(model, cfg, input_ids, labels, position_ids=position_ids)
-    if step_tokens is not None:
-        loss = loss * label_tokens(labels) / max(1, step_tokens)
+    if step_tokens is not None:  # micro_tokens: counted on the host (no wait for the GPU)
+        n = label_tokens(labels) if micro_tokens is None else micro_tokens
+        loss = loss * n / max(1, step_tokens)
     return loss
 
 

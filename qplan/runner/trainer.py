@@ -82,14 +82,18 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": torch.tensor(p["input_ids"]), "labels": torch.tensor(p["labels"]),
                 "position_ids": torch.tensor(p["position_ids"]), "qplan_index": i,
                 "qplan_row": self.order[i],
-                "qplan_tokens": min(len(r["input_ids"]), self.seq_len)}
+                "qplan_tokens": min(len(r["input_ids"]), self.seq_len),
+                "qplan_labels": sum(1 for x in p["labels"][1:] if x != -100)}
 
 
 def collate(items: list[dict]) -> dict:
+    """The micro-batch: tensors stacked; qplan's bookkeeping (row positions, token counts)
+    stays Python lists, so that reading it never waits for the GPU (a tensor would be moved
+    to the GPU with the batch, and reading it back would wait for every queued kernel)."""
     out = {}
     for k in items[0]:
         v = [it[k] for it in items]
-        out[k] = torch.stack(v) if isinstance(v[0], torch.Tensor) else torch.tensor(v)
+        out[k] = torch.stack(v) if isinstance(v[0], torch.Tensor) else list(v)
     return out
 
 
@@ -117,9 +121,10 @@ class QplanTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = self.ctx
-        index = inputs.pop("qplan_index").tolist()
-        rows = inputs.pop("qplan_row").tolist()
-        tokens = int(inputs.pop("qplan_tokens").sum())
+        index = list(inputs.pop("qplan_index"))
+        rows = list(inputs.pop("qplan_row"))
+        tokens = sum(inputs.pop("qplan_tokens"))
+        labelled = sum(inputs.pop("qplan_labels"))
         step = self.state.global_step + 1
         if model.training:
             ctx.phase = "train"
@@ -131,7 +136,8 @@ class QplanTrainer(Trainer):
         loss = T.micro_batch_loss(
             model, ctx.cfg, inputs["input_ids"], inputs["labels"],
             position_ids=inputs["position_ids"],
-            step_tokens=ctx.step_tokens[step - 1] if model.training else None)
+            step_tokens=ctx.step_tokens[step - 1] if model.training else None,
+            micro_tokens=labelled)
         if model.training and ctx.spec.world_size > 1:
             # each rank's share of the step's token mean; DDP averages the ranks' gradients
             loss = loss * ctx.spec.world_size
