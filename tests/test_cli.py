@@ -277,6 +277,9 @@ def test_suggest_plans_for_gpu0_of_several(two_4090s):
     assert any("2 GPUs detected; planning for GPU 0" in n for n in d["notes"])
     assert d["plan"]["device_map"] == {"": 0}
     assert "planning for GPU 0" in run("suggest", "--model", SMALL).output
+    assert any("--gpus N plans data-parallel" in n and "2 are rtx-4090" in n for n in d["notes"])
+    two = run_json("suggest", "--model", SMALL, "--gpus", "2")
+    assert two["settings"]["gpus"] == 2 and "ddp_buckets" in two["breakdown"]
 
 
 def test_unknown_detected_gpu_still_plans(monkeypatch):

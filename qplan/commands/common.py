@@ -234,8 +234,10 @@ def _resolve_gpu(gpu: str | None, vram: float | None) -> Target:
     notes.append(f"detected GPU 0: {d.name} ({d.total_gib:.1f} GiB, cc "
                  f"{d.compute_capability[0]}.{d.compute_capability[1]}) -> profile {g.name}")
     if len(hw.gpus) > 1:
-        notes.append(f"{len(hw.gpus)} GPUs detected; planning for GPU 0 only "
-                     "(the plan's device_map places the model on GPU 0)")
+        same = sum(1 for x in hw.gpus if x.profile.name == g.name)
+        notes.append(f"{len(hw.gpus)} GPUs detected; planning for GPU 0 ({g.name}) only: "
+                     f"--gpus N plans data-parallel training on N of them (one process each; "
+                     f"{same} are {g.name})")
     if not d.matched:
         notes.append(g.notes)
     if d.free_bytes is not None and d.free_bytes < 0.9 * d.total_bytes:
