@@ -423,6 +423,23 @@ def _rank_extra(model: ModelProfile, cfg: TrainConfig, counted_rank: int) -> tup
     return 2.0 * dr * len(shapes), 2.0 * dr * sum(s.in_features + s.out_features for s in shapes)
 
 
+_COUNTED: dict = {}  # (model, cfg) -> (counts, Dynamic): the search asks for the same often
+
+
+def _counted_cached(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
+    """:func:`counted_dynamic`, remembered for these very counts (a search evaluates the same
+    technique-free variants for many candidates: a third of its time)."""
+    key = (model, cfg)
+    hit = _COUNTED.get(key)
+    if hit is not None and hit[0] is c:
+        return hit[1]
+    if len(_COUNTED) > 20000:
+        _COUNTED.clear()
+    d = counted_dynamic(model, cfg, c)
+    _COUNTED[key] = (c, d)
+    return d
+
+
 def counted_dynamic(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
     """Activation memory from the architecture's dry-run counts (:mod:`.activations`).
 
@@ -544,7 +561,7 @@ def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
     their own points; where two regimes' envelopes cross (their constants, a few KiB at some
     length, or far below the counted lengths) the other regime's figures stand in. Per-term
     figures are not ordered (checkpointing keeps less but recomputes a larger working set)."""
-    d = counted_dynamic(model, cfg, c)
+    d = _counted_cached(model, cfg, c)
     offs = [k for k in ("recompute_norms", "mlp_chunk", "grad_ckpt") if getattr(cfg, k)]
     if cfg.loss == "fused":
         offs.append("loss")
@@ -553,7 +570,7 @@ def _dominated(model: ModelProfile, cfg: TrainConfig, c) -> Dynamic:
                for i, k in enumerate(offs) if n >> i & 1}
         if off.get("grad_ckpt") is False:
             off["offload_activations"] = False
-        p = counted_dynamic(model, cfg.with_(**off), c)
+        p = _counted_cached(model, cfg.with_(**off), c)
         if _whole(model, cfg, p) < _whole(model, cfg, d):
             d = replace(p, regime=d.regime)
     more = [k for k, on in (("packed_rows", cfg.packed_rows), ("lora_dropout", cfg.lora_dropout > 0),
