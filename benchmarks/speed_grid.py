@@ -353,15 +353,10 @@ def repeat_items(name_or_file: str, small: bool) -> list[dict]:
 def alloc_env(cfg) -> dict:
     """The child's environment as the trainer sets it (qplan run: expandable segments as the
     plan says, other PYTORCH_CUDA_ALLOC_CONF options kept)."""
+    from qplan.runner.run import set_allocator
+
     env = dict(os.environ)
-    alloc = [x for x in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",")
-             if x and not x.startswith("expandable_segments")]
-    if cfg.expandable_segments:
-        alloc.append("expandable_segments:True")
-    if alloc:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(alloc)
-    else:
-        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    set_allocator(env, cfg.expandable_segments)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"
     return env

@@ -247,6 +247,19 @@ def _world_size(r: Run) -> int:
     return r.cfg.gpus
 
 
+def set_allocator(env: dict[str, str], expandable: bool) -> None:
+    """``env``'s PYTORCH_CUDA_ALLOC_CONF with expandable segments as the plan says (its other
+    options kept)."""
+    alloc = [x for x in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",")
+             if x and not x.startswith("expandable_segments")]
+    if expandable:
+        alloc.append("expandable_segments:True")
+    if alloc:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(alloc)
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+
+
 def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[str, str]:
     """The training processes' environment: the plan's, the allocator setting, and the GPUs
     they may see: none on CPU, else the first ``cfg.gpus`` of those visible (rank k uses the
@@ -257,14 +270,7 @@ def _child_env(cfg: TrainConfig, plan_env: dict[str, str], device: str) -> dict[
 
     env = dict(os.environ)
     env.update(plan_env)
-    alloc = [x for x in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",")
-             if x and not x.startswith("expandable_segments")]
-    if cfg.expandable_segments:
-        alloc.append("expandable_segments:True")
-    if alloc:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(alloc)
-    else:
-        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    set_allocator(env, cfg.expandable_segments)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     else:
