@@ -100,10 +100,10 @@ def _suggest(model: str, card: str, seq: int, knobs, gpus: int, plan: Path, cpu:
 
 
 def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, cpu: bool,
-         profile: Path | None = None) -> dict:
+         profile: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     args = ["run", "--plan", str(plan), "--model", str(mdir), "--data", str(data),
             "--max-steps", str(steps), "--save-steps", "1000", "--max-attempts", "1",
-            "--output", str(out), "--quiet", "--json"]
+            "--output", str(out), "--quiet", "--json", *extra]  # extra: later flags win
     if cpu:
         args += ["--cpu", "--seq", "64", "--batch", "1"]
     elif card != "h200":
@@ -121,6 +121,8 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
     r = json.loads(rep.read_text())
     a = r["attempts"][-1] if r.get("attempts") else {}
     return {"status": r.get("status"), "ended": a.get("ended"), "error": a.get("error"),
+            "attempts": [{k: x.get(k) for k in ("ended", "resumed_from", "error")}
+                         for x in r.get("attempts") or []],
             "estimated_peak_gib": a.get("estimated_peak_gib"), "measured": a.get("measured"),
             "rank_measured": a.get("rank_measured"),
             "steady_tokens_per_s": a.get("steady_tokens_per_s"),
@@ -130,7 +132,8 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
 
 
 def pair(model: str, card: str, seq: int, knobs, steps: int, name: str, work: Path,
-         cpu: bool, gpus_list=(1, 2), profile: Path | None = None) -> list[dict]:
+         cpu: bool, gpus_list=(1, 2), profile: Path | None = None,
+         run_extra: tuple[str, ...] = ()) -> list[dict]:
     d = work / name.replace(" ", "_")
     d.mkdir(parents=True)
     mdir = d / "model"
@@ -151,13 +154,22 @@ def pair(model: str, card: str, seq: int, knobs, steps: int, name: str, work: Pa
         data = write_data(d / f"data{gpus}.jsonl", "packed", s,
                           rows=cfg["batch_size"] * cfg["grad_accum"] * (steps + 1))
         prof = profile.with_name(f"{profile.stem}-{gpus}gpu.txt") if profile else None
-        rec.update(_run(plan, mdir, data, d / f"run{gpus}", steps, card, cpu, prof))
+        rec.update(_run(plan, mdir, data, d / f"run{gpus}", steps, card, cpu, prof, run_extra))
         if prof is not None:
             rec["profiled"] = True  # under cProfile: its speed is not comparable
         recs.append(rec)
         print(f"{name} gpus={gpus}: {rec.get('status')} steady {rec.get('steady_tokens_per_s')} "
               f"(predicted {rec.get('predicted_tokens_per_s')}) est {rec.get('estimated_peak_gib')}",
               flush=True)
+    debug = os.environ.get("QPLAN_BENCH_DEBUG")
+    if debug and any(r.get("status") != "completed" for r in recs):
+        # a failed run's attempt results (errors, tracebacks) and logs, for the report
+        for f in d.rglob("*"):
+            if f.is_file() and (f.name == "result.json" or f.suffix == ".log") \
+                    and f.stat().st_size < 1 << 20:
+                dest = Path(debug) / name.replace(" ", "_") / f.relative_to(d)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, dest)
     shutil.rmtree(d, ignore_errors=True)
     return recs
 
@@ -240,8 +252,13 @@ NOTES = [
     "llama-3.2-1b run's training process, `--profile`): the memory monitor's sampling thread "
     "took 10.7 s of the 53 s attempt (8.7 ms a sample every 20 ms: NVML and psutil calls "
     "holding Python's lock against the training loop). The monitor now samples from a process "
-    "of its own (`qplan.runner.sampler`); on the CPU the tiny model's steps got 6% faster. Not "
-    "re-measured on the GPUs (the device time was spent).", ""]
+    "of its own (`qplan.runner.sampler`); on the CPU the tiny model's steps got 6% faster.",
+    "- Re-measured after that change and the host-side bookkeeping (`raw/h200_speed_runner1.jsonl`, "
+    "the same 1-GPU llama-3.2-1b 1024x1 plan, on the nvidia-h200-x2 machine): 4,709 tokens/s "
+    "steady (predicted 7,669; harness 8,601): inside the earlier runs' 4,377-5,421, so neither "
+    "change closed the gap between `qplan run` and the harness at batch 1. Still open: where "
+    "the runner's ~100 ms a micro-batch more than the harness goes (`QPLAN_SAMPLE_INTERVAL_S` "
+    "lets a run sample less often, for an A/B of the sampler; not yet run).", ""]
 
 
 def main() -> int:

@@ -170,7 +170,9 @@ def make_plan(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig, *, target:
     est = estimate(model, gpu, cfg, capacity_bytes=capacity_bytes, pm=pm,
                    use_calibration=use_calibration)
     return Plan(model=model_ref or model.name, gpu=gpu.name, config=cfg,
-                target_effective_batch=target, device_map={"": 0}, env=_env_for(cfg),
+                target_effective_batch=target,
+                # FSDP: loaded (and quantized) on the host, sharded onto the GPUs when wrapped
+                device_map={"": "cpu"} if cfg.strategy == "fsdp" else {"": 0}, env=_env_for(cfg),
                 reasons=plan_reasons(model, gpu, cfg, target) + tuple(extra_reasons),
                 memory=est.memory, speed=est.speed)
 
@@ -227,13 +229,27 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
             "Leave the dtype to qplan (fp16 is chosen there) or pick an Ampere or newer card.")
+    if fixed.get("strategy") == "fsdp" and not fixed.get("optim"):
+        fixed["optim"] = "adamw_torch"  # the optimizer FSDP's sharded parameters take
     policies = _policies(pm)
-    best, seen = search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
-                        fixed=fixed, flash_attn_available=flash_attn_available,
-                        host_ram_bytes=host_ram_bytes,
-                        capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
-                        policies=policies, adjust=_adjust_for(model, pm),
-                        calibration=calibration_for(model, gpu, use=use_calibration))
+
+    def run_search(fixed):
+        return search(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
+                      fixed=fixed, flash_attn_available=flash_attn_available,
+                      host_ram_bytes=host_ram_bytes,
+                      capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
+                      policies=policies, adjust=_adjust_for(model, pm),
+                      calibration=calibration_for(model, gpu, use=use_calibration))
+
+    best, seen = run_search(fixed)
+    sharded = None
+    if best is None and seen and (fixed.get("gpus") or 1) > 1 and not fixed.get("strategy") \
+            and fixed.get("prepare") != "kbit" and not fixed.get("embed_on_cpu"):
+        # no whole copy fits one GPU: shard the model across them (FSDP)
+        sharded = min(seen, key=lambda c: c.memory.safe_peak_bytes)
+        best, seen_fsdp = run_search({**fixed, "strategy": "fsdp",
+                                      "optim": fixed.get("optim") or "adamw_torch"})
+        seen = seen_fsdp or seen
     if best is None and not seen:
         raise BadInputError(
             f"every candidate plan for {model.name} on {gpu.name} was vetoed by a plan policy; "
@@ -250,10 +266,14 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             msg += (f": the smallest configuration needs {smallest.memory.peak_gib:.1f} GiB "
                     f"(+{smallest.memory.band_gib:.1f} GiB uncertainty) of {lim:.1f} GiB usable; "
                     f"its largest term is {big.label} ({big.gib:.1f} GiB)")
-        if (fixed.get("gpus") or 1) > 1:
-            msg += (f"; with --gpus {fixed['gpus']} every GPU holds the whole model "
-                    "(data-parallel), so more GPUs do not make it fit (sharding it across "
-                    "them, FSDP, is not offered yet)")
+        n = fixed.get("gpus") or 1
+        if n > 1 and (sharded is not None or fixed.get("strategy") == "fsdp"):
+            msg += (f", even with the model sharded across the {n} GPUs (FSDP: each holds "
+                    f"1/{n} of the weights; activations are not sharded)")
+        elif n > 1:
+            msg += (f"; with --gpus {n} and --strategy ddp every GPU holds the whole model, "
+                    "so more GPUs do not make it fit: leave --strategy to qplan (or give "
+                    "--strategy fsdp) to shard it")
         raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
                               alternatives=alts)
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
@@ -324,7 +344,8 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
 def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: int,
                  fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
                  reserve_bytes: int | None = None, pm=None) -> list[str]:
-    """Nearest plans that do fit: a shorter sequence, a smaller model, a bigger card."""
+    """Nearest plans that do fit: a shorter sequence, a smaller model, more of these cards
+    (sharded), a bigger card."""
     out: list[str] = []
     s = seq_len // 2
     while s >= 128:
@@ -349,12 +370,26 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
             break
         except DoesNotFitError:
             continue
+    have = (fixed or {}).get("gpus") or 1
+    for n in (x for x in (2, 4, 8) if x > have and target % x == 0
+              and not (fixed or {}).get("strategy") == "ddp"):
+        try:  # the model sharded across more of these cards (a whole copy did not fit)
+            p = suggest(model, gpu, seq_len=seq_len, target_effective_batch=target,
+                        fixed={**(fixed or {}), "gpus": n}, capacity_bytes=capacity_bytes,
+                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
+            how = "FSDP, the model sharded" if p.config.strategy == "fsdp" else "data-parallel"
+            out.append(f"more GPUs: --gpus {n} ({how}) fits ({p.peak_gib:.1f} GiB per GPU)")
+            break
+        except (DoesNotFitError, BadInputError):
+            continue
     bigger = sorted((g for g in cat.gpus if g.memory_gib > gpu.memory_gib), key=lambda g: g.memory_gib)
     for g in bigger:
         try:
             p = suggest(model, g, seq_len=seq_len, target_effective_batch=target, fixed=fixed,
                         reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
-            out.append(f"bigger card: --gpu {g.name} ({g.memory_gib:g} GiB) fits ({p.peak_gib:.1f} GiB)")
+            each = " per GPU" if p.config.gpus > 1 else ""
+            out.append(f"bigger card: --gpu {g.name} ({g.memory_gib:g} GiB) fits "
+                       f"({p.peak_gib:.1f} GiB{each})")
             break
         except DoesNotFitError:
             continue
@@ -390,7 +425,7 @@ def _halve_batch(cfg: TrainConfig) -> tuple[TrainConfig, Reason] | None:
 _RUNGS = (
     (lambda c: not c.grad_ckpt, dict(grad_ckpt=True),
      "gradient checkpointing on: keep only block inputs"),
-    (lambda c: c.optim != "paged_adamw_8bit", dict(optim="paged_adamw_8bit"),
+    (lambda c: c.optim != "paged_adamw_8bit" and c.strategy != "fsdp", dict(optim="paged_adamw_8bit"),
      "optimizer {optim} -> paged_adamw_8bit"),
     (lambda c: c.loss != "fused", dict(loss="fused"), "fused loss: never materialize float32 logits"),
     (lambda c: c.prepare != "lean", dict(prepare="lean"),

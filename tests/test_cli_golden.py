@@ -36,6 +36,8 @@ CASES: dict[str, list[str]] = {
          "--targets", "qkv,o", "--no-grad-ckpt"],
     "suggest-llama-3.1-8b-2x-rtx-4090":
         ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2"],
+    "suggest-llama-3.1-70b-2x-a100-40gb-fsdp":
+        ["suggest", "--model", "llama-3.1-70b", "--gpu", "a100-40gb-sxm", "--gpus", "2"],
     "estimate-llama-3.1-8b-rtx-4090-batch2":
         ["estimate", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--batch", "2"],
     "estimate-mistral-7b-t4-fp16":

@@ -178,10 +178,22 @@ def test_export_cli_writes_the_accelerate_config_beside_the_file(tmp_path):
     assert d["launch"].startswith("accelerate launch --config_file accelerate_config.yaml")
 
 
-def test_a_model_too_big_for_one_card_says_more_gpus_do_not_help():
+def test_a_model_too_big_for_two_cards_even_sharded_says_so():
     from qplan.errors import DoesNotFitError
 
     m, g = api.get_model("llama-3.1-70b"), api.get_gpu("rtx-4090")
     with pytest.raises(DoesNotFitError) as e:
         api.suggest(m, g, seq_len=2048, fixed={"gpus": 2}, find_alternatives=False)
-    assert "every GPU holds the whole model" in str(e.value) and "FSDP" in str(e.value)
+    assert "even with the model sharded across the 2 GPUs (FSDP" in str(e.value)
+    assert "activations are not sharded" in str(e.value)
+
+
+def test_ddp_fixed_says_fsdp_would_shard_it():
+    from qplan.errors import DoesNotFitError
+
+    m, g = api.get_model("llama-3.1-70b"), api.get_gpu("a100-40gb-sxm")
+    with pytest.raises(DoesNotFitError) as e:
+        api.suggest(m, g, seq_len=2048, fixed={"gpus": 2, "strategy": "ddp"},
+                    find_alternatives=False)
+    assert "every GPU holds the whole model" in str(e.value)
+    assert "--strategy fsdp" in str(e.value)

@@ -24,6 +24,11 @@ BLOCK = re.compile(r"```\n(\$ qplan .*?)```", re.S)
 # the end)]; the command's first output line is always shown. Commands not listed: whole output.
 WINDOWS: dict[str, list[tuple[str, str | None]]] = {
     "qplan estimate": [(r"^│ saved activations", None)],
+    "qplan suggest --model llama-3.1-70b --gpu a100-40gb-sxm": [
+        (r"^│ optim ", r"^│ +│ +│ .*\)"), (r"^│ gpus ", r"│ per GPU"),
+        (r"^Memory per GPU", None)],
+    "qplan suggest --model llama-3.1-70b --gpu rtx-4090": [(r"^needs ", r"not sharded\)"),
+                                                          (r"^Nearest plans", None)],
     "qplan check tests/fixtures/ecosystem/axolotl_qlora": [
         (r"^rtx-4090", r"^rtx-4090"), (r"^How qplan reads it", r"^PyTorch's default allocator"),
         (r"^peak ", None)],

@@ -79,9 +79,12 @@ KNOBS: tuple[Knob, ...] = (
          "RMSNorms keep only their input for backward, not a float32 copy"),
     Knob("packed_rows", "--packed-rows/--no-packed-rows",
          "rows pack several examples, as qplan run does (sdpa/eager then need a seq x seq mask)"),
-    Knob("gpus", "--gpus", "data-parallel GPUs (DDP), one training process each: every "
-         "optimizer step's micro-batches are split across them (same effective batch); "
-         "memory figures are per GPU", click.IntRange(min=1, max=64)),
+    Knob("gpus", "--gpus", "GPUs, one training process each: every optimizer step's "
+         "micro-batches are split across them (same effective batch); memory figures are per "
+         "GPU", click.IntRange(min=1, max=64)),
+    Knob("strategy", "--strategy", "how the --gpus share the model: ddp = a whole copy on "
+         "each; fsdp = weights, adapters and optimizer sharded across them (for a model one "
+         "GPU cannot hold)", click.Choice(C.STRATEGIES)),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

@@ -250,7 +250,10 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
                      f"{ds['epochs']:g} epoch(s) ({how})")
     if plan.env:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
-    lines.append(f"device_map: {plan.device_map}")
+    lines.append(f"device_map: {plan.device_map}" + (
+        f" (each process loads and quantizes the model in host memory; FSDP moves 1/"
+        f"{plan.config.gpus} of it to each GPU as it wraps the blocks)"
+        if plan.config.strategy == "fsdp" else ""))
     if d["saved_to"] is not None:
         lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan "
                      f"{d['saved_to']}`)")
@@ -313,6 +316,9 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
     from qplan.planner.search import default_attention, usable_bytes
 
     values = knob_values(knobs)
+    src = click.get_current_context().get_parameter_source
+    if values.get("strategy") == "fsdp" and src("optim") == click.core.ParameterSource.DEFAULT:
+        values["optim"] = "adamw_torch"  # the optimizer FSDP's sharded parameters take
     m = api.get_model(model)
     t = resolve_target(gpu, vram, reserve)
     values.setdefault("attn", default_attention(m, t.gpu))

@@ -143,6 +143,14 @@ def export(plan, fmt: str, *, profile=None, gpu=None, data: str | None = None,
     profile = profile or api.get_model(plan.model, pm=pm)
     gpu = gpu or api.get_gpu(plan.gpu or "rtx-4090", pm=pm)
     cfg = plan.config
+    if cfg.strategy == "fsdp":
+        raise BadInputError(
+            f"this plan shards the model across {cfg.gpus} GPUs (strategy fsdp); qplan export "
+            "writes data-parallel (DDP) files only so far: FSDP-QLoRA also needs the 4-bit "
+            "values stored in the compute dtype (bnb_4bit_quant_storage), FSDP2's accelerate "
+            "settings and torch's AdamW, which the exported files do not carry yet. Train it "
+            "with `qplan run --plan PLAN`, or plan for a card a whole copy fits (qplan "
+            "suggest --strategy ddp)")
     # the tools' accumulation is per process; the number of processes is the launcher's
     one = cfg.with_(gpus=1, grad_accum=cfg.grad_accum // cfg.gpus)
     model = _model_ref(plan, profile)

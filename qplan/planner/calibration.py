@@ -111,6 +111,23 @@ PCIE_GBS = 20.0  # offloaded activations to pinned host memory and back
 # over NVLink (nvidia-smi less PyTorch's reserved less the context, in two qplan runs and an
 # all-reduce benchmark alike; benchmarks/results/ddp_gpu.md). PCIe pairs: not measured.
 NCCL_BUFFERS_GIB = 0.85
+# FSDP: whole (gathered) copies of the output layer and of a decoder block on each GPU at
+# the peak. FSDP2 gathers a unit into one buffer and copies every parameter out of it, so a
+# unit being gathered is there twice; blocks: this one and the next (prefetched), each twice.
+# Fitted to the first-step nvidia-smi peaks of two FSDP runs on 2 H200s (qwen3-8b capped to
+# an 8 GB card: 8.30 GiB measured, 6.99 estimated with one head and two blocks; qwen3-14b
+# capped to 12 GB: 12.24 vs 10.48; benchmarks/results/fsdp_gpu.md): in-sample, two points.
+FSDP_GATHERED_HEAD = 2
+FSDP_GATHERED_BLOCKS = 4
+# FSDP plans' band, on top of BAND_COUNTED: held out, llama-3.1-8b capped to a 10 GB card ran
+# 5.6% above its estimate (8.82 GiB vs 8.33), qwen3-4b and llama-3.2-1b on whole H200s 2-5%
+# below (benchmarks/results/fsdp_gpu.md); four runs, so the band covers the worst twice over.
+BAND_FSDP = 0.06
+# FSDP's micro-batch time over the same plan's without it: two FSDP runs on 2 H200s (NVLink,
+# where the gathered bytes take little time) ran 1.45x (llama-3.2-1b 2k b4) and 1.30x
+# (qwen3-4b 2k b4) the predicted time: the per-block collectives and FSDP2's hooks.
+# In-sample, two points (benchmarks/results/fsdp_gpu.md).
+FSDP_TIME_FACTOR = 1.37
 # Share of the link rate (GpuProfile.link) a ring all-reduce's bus bandwidth reaches, by
 # kind of link; and a fixed cost per all-reduce call (one per DDP bucket). NVLink: 287 GB/s
 # of 450 for 170 MiB of float32 on two H200s (0.47 at 16 MiB). PCIe: assumed (consumer cards

@@ -16,6 +16,9 @@ LOSS_MODES = ("standard", "fused")
 ATTN_IMPLS = ("sdpa", "flash_attention_2", "eager")
 QUANT_TYPES = ("nf4", "fp4", "none")  # none = plain LoRA on 16-bit weights
 DTYPES = ("bf16", "fp16")
+# How several GPUs share the work: ddp = a whole model copy on each, fsdp = the weights,
+# adapters and optimizer states sharded across them (FSDP2 through accelerate).
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class TrainConfig:
     # every optimizer step's ``grad_accum`` micro-batches are split across them, so the
     # effective batch does not depend on it; memory figures are per GPU.
     gpus: int = 1
+    # How the ``gpus`` share the model: "ddp" (each holds a whole copy) or "fsdp" (fully
+    # sharded: each holds 1/gpus of the 4-bit weights, embeddings, adapters and optimizer
+    # states, gathering one block at a time). Only meaningful with gpus > 1.
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):
@@ -87,20 +94,41 @@ class TrainConfig:
         if (isinstance(n, int) and isinstance(a, int) and not isinstance(n, bool) and n > 1
                 and a >= 1 and a % n):
             up = -(-a // n) * n
+            down = f" or {up - n}" if up - n >= n else ""
             p.append(f"grad_accum {a} does not split across gpus {n}: each optimizer step's "
                      f"micro-batches are divided among the {n} GPUs, so the accumulation must be "
                      f"a multiple of {n}; use grad_accum {up} (an effective batch of "
-                     f"{up * self.batch_size if isinstance(self.batch_size, int) else up}) or "
-                     f"{max(n, up - n)}")
+                     f"{up * self.batch_size if isinstance(self.batch_size, int) else up}){down}")
         d = self.lora_dropout
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             p.append(f"lora_dropout must be a number in [0, 1) (got {d!r})")
         for f, allowed in (("optim", OPTIMIZERS), ("prepare", PREPARE_MODES),
                            ("loss", LOSS_MODES), ("attn", ATTN_IMPLS),
-                           ("quant", QUANT_TYPES), ("compute_dtype", DTYPES)):
+                           ("quant", QUANT_TYPES), ("compute_dtype", DTYPES),
+                           ("strategy", STRATEGIES)):
             v = getattr(self, f)
             if v not in allowed:
                 p.append(f"{f} {v!r} is not one of {', '.join(allowed)}")
+        if self.strategy == "fsdp":
+            p += self._fsdp_problems()
+        return p
+
+    def _fsdp_problems(self) -> list[str]:
+        p = []
+        if isinstance(self.gpus, int) and self.gpus < 2:
+            p.append(f"strategy fsdp shards the model across GPUs and needs gpus >= 2 (got "
+                     f"{self.gpus}); use --gpus 2 or more, or strategy ddp on one GPU")
+        if self.embed_on_cpu:
+            p.append("strategy fsdp shards the embeddings across the GPUs; embed_on_cpu (the "
+                     "embeddings in CPU memory) does not combine with it: turn one off")
+        if self.optim != "adamw_torch":
+            p.append(f"strategy fsdp needs optim adamw_torch: bitsandbytes' 8-bit optimizers "
+                     f"({self.optim}) cannot update FSDP's sharded (DTensor) parameters; use "
+                     "--optim adamw_torch (the LoRA states are small, and sharded)")
+        if self.prepare == "kbit":
+            p.append("strategy fsdp needs prepare lean: kbit preparation casts norms and "
+                     "embeddings to float32 beside 16-bit weights, which FSDP cannot shard "
+                     "as one; use --prepare lean")
         return p
 
     def loss_chunk_rows(self, vocab_size: int) -> int:

@@ -124,49 +124,88 @@ def lora_param_count(model: ModelProfile, cfg: TrainConfig) -> int:
 
 # ---------------------------------------------------------------------------
 # the terms
+def _sharded(cfg: TrainConfig) -> int:
+    """How many GPUs a sharded tensor is split across: ``gpus`` under FSDP, else 1."""
+    return cfg.gpus if cfg.strategy == "fsdp" else 1
+
+
+def _quant_payload(n: int, cfg: TrainConfig) -> float:
+    """Bytes of ``n`` linear weights' values: half a byte each in 4 bit, 2 in 16-bit."""
+    return 2 * n if cfg.quant == "none" else n / 2
+
+
+def _quant_constants(n: int, cfg: TrainConfig) -> float:
+    """Bytes of the quantization constants (absmax) of ``n`` 4-bit weights."""
+    if cfg.quant == "none":
+        return 0
+    if cfg.double_quant:
+        return n / QUANT_BLOCKSIZE * 1 + n / (QUANT_BLOCKSIZE * DQ_BLOCKSIZE) * 4
+    return n / QUANT_BLOCKSIZE * 4
+
+
 def quantized_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """Every linear weight inside the blocks, stored in 4 bit.
 
     NF4/FP4 pack two values a byte; each block of 64 values has an absmax constant:
     float32 (4 bytes / 64 values), or with double quantization 8-bit (1 byte / 64) plus
     one float32 per 256 constants. With ``quant="none"`` (plain LoRA) they stay 16-bit.
+    Under FSDP each GPU keeps 1/gpus of the packed values; the constants (bitsandbytes'
+    quantization state, kept beside the module, not a parameter) stay whole on every GPU.
     """
     n = model.quantized_params
-    if cfg.quant == "none":
-        return 2 * n
-    if cfg.double_quant:
-        consts = n / QUANT_BLOCKSIZE * 1 + n / (QUANT_BLOCKSIZE * DQ_BLOCKSIZE) * 4
-    else:
-        consts = n / QUANT_BLOCKSIZE * 4
-    return int(n / 2 + consts)
+    return int(_quant_payload(n, cfg) / _sharded(cfg) + _quant_constants(n, cfg))
 
 
 def unquantized_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """Embeddings, lm_head (unless tied) and norms, which stay unquantized.
 
     ``prepare=kbit`` (peft's ``prepare_model_for_kbit_training``) casts them to float32:
-    4 bytes a parameter; ``lean`` keeps them in 16-bit: 2 bytes.
+    4 bytes a parameter; ``lean`` keeps them in 16-bit: 2 bytes. Under FSDP, 1/gpus of them.
     """
     n = model.unquantized_params
     if cfg.embed_on_cpu and not model.tie_word_embeddings:
         n -= model.embedding_params  # in host memory
-    return n * _unquantized_dtype_bytes(cfg)
+    return n * _unquantized_dtype_bytes(cfg) // _sharded(cfg)
 
 
 def lora_weights(model: ModelProfile, cfg: TrainConfig) -> int:
-    """LoRA A and B matrices, r x (in + out) per adapted layer, in float32 (peft's default)."""
-    return 4 * lora_param_count(model, cfg)
+    """LoRA A and B matrices, r x (in + out) per adapted layer, in float32 (peft's default).
+
+    Under FSDP, 1/gpus of them."""
+    return 4 * lora_param_count(model, cfg) // _sharded(cfg)
 
 
 def lora_gradients(model: ModelProfile, cfg: TrainConfig) -> int:
-    """One float32 gradient per LoRA parameter."""
-    return 4 * lora_param_count(model, cfg)
+    """One float32 gradient per LoRA parameter.
+
+    Under FSDP, for this GPU's shard of them."""
+    return 4 * lora_param_count(model, cfg) // _sharded(cfg)
 
 
 def ddp_gradient_buckets(model: ModelProfile, cfg: TrainConfig) -> int:
     """With ``gpus`` > 1: DDP's flat gradient buckets, a second float32 copy of the LoRA
     gradients that the all-reduce runs on (``gradient_as_bucket_view`` is off in Trainer)."""
-    return lora_gradients(model, cfg) if cfg.gpus > 1 else 0
+    return lora_gradients(model, cfg) if cfg.gpus > 1 and cfg.strategy == "ddp" else 0
+
+
+def fsdp_gathered_weights(model: ModelProfile, cfg: TrainConfig) -> int:
+    """Under FSDP: the whole (gathered) weights a GPU holds at the peak besides its shards.
+
+    accelerate's FSDP2 wraps every decoder block, the input embeddings, and the final norm
+    with the output layer (kept gathered from the end of forward into backward) as units.
+    At the loss every GPU holds the output layer (the tied embeddings) whole, in 16-bit,
+    twice while it is gathered (FSDP2 gathers a unit into one buffer, then copies each
+    parameter out of it), and the blocks being computed, the same way (each block's packed
+    4-bit values, its norms and its LoRA matrices cast to 16-bit): see
+    :data:`calibration.FSDP_GATHERED_BLOCKS`.
+    """
+    if cfg.strategy != "fsdp":
+        return 0
+    layers = model.num_hidden_layers
+    block = (_quant_payload(model.quantized_params, cfg) / layers
+             + 2 * model.small_params / layers + 2 * lora_param_count(model, cfg) / layers)
+    head = 2 * (model.lm_head_params or model.embedding_params)
+    return int(C.FSDP_GATHERED_HEAD * head + C.FSDP_GATHERED_BLOCKS * block)
 
 
 def collective_buffers(cfg: TrainConfig) -> int:
@@ -183,9 +222,9 @@ def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
     of 256, about 2.03 bytes; paged states live in CUDA managed memory, outside PyTorch's
     allocator, paged in for the optimizer step (see :func:`optimizer_states_at_peak`).
     """
-    n = lora_param_count(model, cfg)
+    n = lora_param_count(model, cfg) / _sharded(cfg)  # FSDP: this GPU's shard
     if cfg.optim == "adamw_torch":
-        return 8 * n
+        return int(8 * n)
     return int(n * (2 + 2 * 4 / 256))
 
 
@@ -352,11 +391,13 @@ def libraries(gpu: GpuProfile | None) -> int:
 def uncertainty_band(terms: list[MemoryTerm], basis: str) -> int:
     """How much higher than the estimate a real peak may be, from the held-out errors of
     the GPU grids: a share of the memory above the CUDA context for counted
-    architectures, a larger share of the activation memory for analytic ones (their
+    architectures (more under FSDP), a larger share of the activation memory for analytic ones (their
     per-token terms were fitted to Llama-like blocks and miss what other blocks keep)."""
     by = {t.key: t.bytes for t in terms}
     above_context = sum(by.values()) - by.get("cuda_context", 0)
     band = C.BAND_COUNTED * above_context
+    if by.get("fsdp_gathered"):  # sharded plans: measured on few runs, a wider band
+        band += C.BAND_FSDP * above_context
     if basis != "counted":
         dynamic = sum(by.get(k, 0) for k in ("activations", "attention_mask", "logits_or_working_set"))
         band += C.BAND_ANALYTIC * dynamic
@@ -650,8 +691,13 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
         MemoryTerm("libraries", "CUDA libraries", libraries(gpu),
                    libraries.__doc__.split("\n")[0]),
         *([MemoryTerm("ddp_buckets", "DDP gradient buckets", ddp_gradient_buckets(model, cfg),
-                      ddp_gradient_buckets.__doc__.split("\n")[0]),
-           MemoryTerm("collective_buffers", "NCCL buffers", collective_buffers(cfg),
+                      ddp_gradient_buckets.__doc__.split("\n")[0])]
+          if cfg.gpus > 1 and cfg.strategy == "ddp" else []),
+        *([MemoryTerm("fsdp_gathered", "gathered weights (FSDP)",
+                      fsdp_gathered_weights(model, cfg),
+                      fsdp_gathered_weights.__doc__.split("\n")[0])]
+          if cfg.strategy == "fsdp" else []),
+        *([MemoryTerm("collective_buffers", "NCCL buffers", collective_buffers(cfg),
                       collective_buffers.__doc__.split("\n")[0])] if cfg.gpus > 1 else []),
         MemoryTerm("cuda_context", "CUDA context", cuda_context(gpu),
                    cuda_context.__doc__.split("\n")[0]),

@@ -38,7 +38,9 @@ def _compute(cfg: TrainConfig, gpu: GpuProfile) -> list[Reason]:
         Reason(("prepare",), f"prepare {cfg.prepare}: " + _onoff(
             cfg.prepare == "lean", "embeddings/lm_head stay 16-bit (faster, smaller)",
             "peft prepare_model_for_kbit_training")),
-        Reason(("optim",), f"optimizer {cfg.optim}"),
+        Reason(("optim",), f"optimizer {cfg.optim}" + (
+            " (FSDP's sharded parameters take torch's AdamW; bitsandbytes' 8-bit optimizers do "
+            "not update them)" if cfg.strategy == "fsdp" else "")),
     ]
 
 
@@ -100,9 +102,14 @@ def plan_reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig,
 
 def _gpus(cfg: TrainConfig, gpu: GpuProfile) -> Reason:
     if cfg.gpus == 1:
-        return Reason(("gpus",), "one GPU (--gpus N: data-parallel on N)")
-    return Reason(("gpus",), f"{cfg.gpus} GPUs, data-parallel (DDP): a full copy of the model "
-                  f"on each, the LoRA gradients all-reduced every optimizer step over "
+        return Reason(("gpus", "strategy"), "one GPU (--gpus N: data-parallel on N)")
+    if cfg.strategy == "fsdp":
+        return Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, fully sharded (FSDP): each holds "
+                      f"1/{cfg.gpus} of the 4-bit weights, embeddings, adapters and optimizer "
+                      f"states and gathers each block over {gpu.link.name} as it computes it "
+                      "(a whole copy does not fit one GPU); memory figures are per GPU")
+    return Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, data-parallel (DDP): a full copy of "
+                  f"the model on each, the LoRA gradients all-reduced every optimizer step over "
                   f"{gpu.link.name}; memory figures are per GPU")
 
 

@@ -99,7 +99,8 @@ def candidates(model: ModelProfile, gpu: GpuProfile, seq_len: int, target_effect
         "prepare": ["lean"],
         "offload_activations": [False, True],
         "mlp_chunk": [0, MLP_CHUNK] if seq_len > MLP_CHUNK else [0],
-        "embed_on_cpu": [False] if model.tie_word_embeddings else [False, True],
+        "embed_on_cpu": ([False] if model.tie_word_embeddings or fixed.get("strategy") == "fsdp"
+                         else [False, True]),
         "recompute_norms": [False, True],
     }
     for k in list(grid):

@@ -187,7 +187,7 @@ def allreduce_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float
     bucket. Counted whole: the LoRA gradients are small and the last micro-batch's backward
     hides little of it on slow links."""
     n = cfg.gpus
-    if n <= 1:
+    if n <= 1 or cfg.strategy != "ddp":
         return 0.0
     from qplan.planner.memory import lora_gradients
 
@@ -196,6 +196,30 @@ def allreduce_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float
     eff = C.ALLREDUCE_EFFICIENCY["nvlink" if link.nvlink else "pcie"]
     buckets = -(-grad // C.DDP_BUCKET_BYTES)
     return buckets * C.ALLREDUCE_LATENCY_S + 2 * (n - 1) / n * grad / (link.gbs * 1e9 * eff)
+
+
+def fsdp_gather_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float:
+    """Under FSDP, per micro-batch: the collectives' time over the link between the cards.
+    Every block's weights are gathered twice (forward, and backward, where a checkpointed
+    block's recompute reuses that gather), the embeddings and output layer once, and the
+    LoRA gradients reduce-scattered; each GPU receives (n-1)/n of every gathered tensor.
+    FSDP gathers the next block while this one computes, so :func:`estimate_speed` counts
+    the longer of this and the micro-batch's compute. Assumed, not measured: the link's
+    all-reduce share (:data:`calibration.ALLREDUCE_EFFICIENCY`) and a fixed cost per call."""
+    n = cfg.gpus
+    if n <= 1 or cfg.strategy != "fsdp":
+        return 0.0
+    from qplan.planner.memory import _quant_payload, lora_param_count
+
+    blocks = (_quant_payload(model.quantized_params, cfg) + 2 * model.small_params
+              + 2 * lora_param_count(model, cfg))
+    head = 2 * (model.embedding_params + model.lm_head_params)
+    grads = 4 * lora_param_count(model, cfg)
+    link = gpu.link
+    eff = C.ALLREDUCE_EFFICIENCY["nvlink" if link.nvlink else "pcie"]
+    calls = 3 * model.num_hidden_layers + 2
+    return (calls * C.ALLREDUCE_LATENCY_S
+            + (n - 1) / n * (2 * blocks + head + grads) / (link.gbs * 1e9 * eff))
 
 
 def speed_uncertainty(gpu: GpuProfile) -> tuple[float, str]:
@@ -290,10 +314,14 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
     micro = overlapped(device, launch, ov)
     share = micro / (device + launch) if device + launch else 1.0
     factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
+    if cfg.strategy == "fsdp" and cfg.gpus > 1:
+        factor *= C.FSDP_TIME_FACTOR  # per-block gathers and FSDP2's hooks (measured)
     micro *= factor
-    opt = optimizer_s(model, cfg, gpu)
-    comm = allreduce_s(model, cfg, gpu)
+    gather = fsdp_gather_s(model, cfg, gpu)
     per_gpu = cfg.grad_accum // cfg.gpus  # each GPU runs its share of the micro-batches
+    exposed = max(0.0, gather - micro)  # what the micro-batch's compute does not hide
+    opt = optimizer_s(model, cfg, gpu)
+    comm = allreduce_s(model, cfg, gpu) + exposed * per_gpu
     step = micro * per_gpu + opt + comm
     a = per_gpu * share * factor
     terms = (("matmul", part["matmul"] * a), ("output layer", part["head"] * a), ("dequant", part["dequant"] * a),
@@ -301,7 +329,7 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
              ("activations", part["activations"] * a), ("launch", launch * a),
              ("transfer", tr * a), ("optimizer", opt))
     if cfg.gpus > 1:
-        terms += (("all-reduce", comm),)
+        terms += (("all-gather (FSDP)" if cfg.strategy == "fsdp" else "all-reduce", comm),)
     err, basis = speed_uncertainty(gpu)
     return SpeedEstimate(tokens_per_s=cfg.tokens_per_step / step, step_s=step,
                          compute_s=part["matmul"] + part["head"] + part["attention"],

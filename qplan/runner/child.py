@@ -93,14 +93,31 @@ def _load(spec: P.AttemptSpec, fp):
 
     cfg, cuda = spec.settings, spec.device == "cuda"
     tok = AutoTokenizer.from_pretrained(str(Path(spec.run_dir) / "tokenizer"))
-    model = T.load_model(spec.model_path, cfg, device_map={"": local_rank()} if cuda else None)
+    model = T.load_model(spec.model_path, cfg, device_map=_device_map(cfg, cuda))
     T.prepare_for_training(model, cfg)
     set_seed(spec.seed)  # the LoRA initialization (a resumed attempt loads the checkpoint's)
     model = T.add_lora(model, api.get_model(spec.model_ref), cfg)
+    if cfg.strategy == "fsdp" and spec.resume_from:
+        # before sharding: the Trainer's resume would copy whole tensors into sharded ones
+        T.load_adapter_weights(model, spec.resume_from)
     simulate = _simulate(spec.simulate) if spec.simulate else None
-    optimizer = T.make_optimizer(model.parameters(), cfg, lr=spec.lr)
+    # FSDP: the optimizer is made over the sharded parameters, after the Trainer wraps them
+    optimizer = (None if cfg.strategy == "fsdp"
+                 else T.make_optimizer(model.parameters(), cfg, lr=spec.lr))
     fp.fire("load", 0)
     return tok, model, optimizer, simulate
+
+
+def _device_map(cfg, cuda: bool):
+    """Where ``from_pretrained`` puts (and quantizes) the weights: this rank's GPU; under
+    FSDP the host (each GPU then receives only its shard, one block at a time, when the
+    Trainer wraps the model: a whole 4-bit copy need not fit one GPU). ``QPLAN_FSDP_LOAD=gpu``
+    quantizes on the GPU instead (faster; the whole model must fit it while loading)."""
+    if not cuda:
+        return None
+    if cfg.strategy == "fsdp" and os.environ.get("QPLAN_FSDP_LOAD", "cpu") != "gpu":
+        return {"": "cpu"}
+    return {"": local_rank()}
 
 
 def _simulate(s: P.Simulation) -> P.Simulation:
@@ -140,7 +157,8 @@ def _trainer(spec, tok, model, optimizer, train_ds, eval_ds, ctx):
     args = training_arguments(spec, spec.device == "cuda", eval_ds is not None)
     trainer = QplanTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            processing_class=tok, data_collator=collate,
-                           optimizers=(optimizer, None), callbacks=[QplanCallback(ctx)], ctx=ctx)
+                           optimizers=(optimizer, None) if optimizer is not None else (None, None),
+                           callbacks=[QplanCallback(ctx)], ctx=ctx)
     trainer.remove_callback(PrinterCallback)  # qplan's progress shows the loss
     return trainer
 
@@ -175,7 +193,9 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
         import torch
 
         torch.cuda.set_device(local_rank())
-    monitor = MemoryMonitor(spec.device == "cuda").start()
+    # QPLAN_SAMPLE_INTERVAL_S: the memory sampler's period (benchmarks compare it; 0.02 s)
+    monitor = MemoryMonitor(spec.device == "cuda", interval_s=float(
+        os.environ.get("QPLAN_SAMPLE_INTERVAL_S", "0.02"))).start()
     tok, model, optimizer, simulate = _load(spec, fp)
     train_ds, eval_ds, per_step = _datasets(spec, tok)
     progress = Progress(spec.total_steps, spec.resumed_from, spec.attempt, spec.progress)
@@ -234,7 +254,7 @@ def _ending(trainer, ctx, model, oom: str | None, fp) -> tuple[str, dict[str, An
     if ctx.interrupted:
         return INTERRUPTED, dict(signal=ctx.stop.signal_name)
     fp.fire("end", trainer.state.global_step)
-    if rank() == 0:
+    if rank() == 0 or ctx.cfg.strategy == "fsdp":  # FSDP: every rank joins the gather
         trainer.save_model(ctx.spec.run_dir)
     return OK, {}
 
@@ -248,6 +268,8 @@ def _save_after_oom(trainer, ctx, model) -> None:
 
     step = trainer.state.global_step
     if ctx.phase == "optimizer" or step <= ctx.start_step or rank() != 0:
+        return
+    if ctx.cfg.strategy == "fsdp":  # saving gathers from every rank; the others have stopped
         return
     try:
         model.zero_grad(set_to_none=True)

@@ -216,6 +216,7 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             use_calibration=req.use_calibration)
     cfg = setup.plan.config
     _check_gpus(cfg.gpus, setup.device)
+    _check_strategy(cfg.strategy, setup.device)
     offline = _go_offline(model.local)
     if offline:
         notes.append("the Hugging Face Hub cannot be reached: using the local hub cache only "
@@ -251,6 +252,15 @@ def _check_gpus(gpus: int, device: str) -> None:
                 f"--gpus {gpus} starts one training process per GPU, but {n} GPU(s) are "
                 f"visible (CUDA_VISIBLE_DEVICES); give --gpus {n} or fewer, or --cpu to run "
                 "the processes on the CPU")
+
+
+def _check_strategy(strategy: str, device: str) -> None:
+    """FSDP shards across CUDA GPUs only: accelerate runs CPU processes data-parallel."""
+    if strategy == "fsdp" and device != "cuda":
+        raise BadInputError(
+            "strategy fsdp shards the model across CUDA GPUs; on the CPU accelerate runs the "
+            "processes data-parallel only, so --cpu cannot train this plan. Use --strategy ddp "
+            "with --cpu (each process holds the whole model), or run it on GPUs")
 
 
 def _default_output(model: str) -> Path:

@@ -20,15 +20,21 @@ def torch_dtype(cfg: TrainConfig):
 
 
 def quantization_config(cfg: TrainConfig):
-    """bitsandbytes 4-bit settings for ``cfg`` (None for plain LoRA, ``quant="none"``)."""
+    """bitsandbytes 4-bit settings for ``cfg`` (None for plain LoRA, ``quant="none"``).
+
+    Under ``strategy="fsdp"`` the packed 4-bit values are stored in the compute dtype
+    (``bnb_4bit_quant_storage``): FSDP shards only floating-point tensors, and the same
+    dtype as the other weights lets a block's parameters be gathered together.
+    """
     if cfg.quant == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    storage = torch_dtype(cfg) if cfg.strategy == "fsdp" else "uint8"
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant,
                               bnb_4bit_use_double_quant=cfg.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(cfg),
-                              bnb_4bit_quant_storage="uint8")
+                              bnb_4bit_quant_storage=storage)
 
 
 def load_model(path: str, cfg: TrainConfig, device_map: Any = None):
@@ -48,6 +54,24 @@ def load_model(path: str, cfg: TrainConfig, device_map: Any = None):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     free_cached_memory()
     return model
+
+
+def load_adapter_weights(model, checkpoint: str) -> None:
+    """The LoRA weights a checkpoint folder holds (``adapter_model.safetensors``, as
+    ``save_model`` writes it), into ``model``'s adapter, in place. Used before FSDP shards the
+    model on resume: the Trainer's own resume loads the adapter into the sharded model."""
+    from pathlib import Path
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = Path(checkpoint) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no adapter_model.safetensors to resume from")
+    result = set_peft_model_state_dict(model, load_file(str(f)))
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if bad:
+        raise RuntimeError(f"the checkpoint's adapter does not match the model: {bad[:3]}")
 
 
 def free_cached_memory() -> None:
@@ -292,6 +316,8 @@ def causal_lm_loss(model, cfg: TrainConfig, input_ids, labels, attention_mask=No
         decoder, head, cap, scale = _decoder_and_head(m)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids).last_hidden_state
+        if _is_fsdp(head):  # its weight is read here, not through its forward: gather it
+            head.unshard()
         return chunked_cross_entropy(hidden[:, :-1, :], head.weight, labels[:, 1:],
                                      softcap=cap, scale=scale,
                                      chunk=cfg.loss_chunk_rows(head.weight.shape[0]))
@@ -302,9 +328,16 @@ def through_wrapper(model, fn):
     """``fn(module)`` for a model that may be wrapped in DistributedDataParallel (``qplan run
     --gpus N``): run inside the wrapper's forward, with the wrapped module's ``forward`` set
     to ``fn`` for the call, since DDP syncs gradients only for passes through its forward
-    (calling the decoder inside it directly would skip that)."""
+    (calling the decoder inside it directly would skip that). Under FSDP2 the model is its
+    own wrapper: its forward hooks (the root's set-up, the gathers) run the same way."""
     import torch
 
+    if _is_fsdp(model):  # the root's hooks (gather, then the backward's reduce) need its call
+        model.forward = lambda **_: fn(model)
+        try:
+            return model(qplan_through=True)
+        finally:
+            del model.forward
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return fn(model)
     inner = model.module
@@ -313,6 +346,15 @@ def through_wrapper(model, fn):
         return model(qplan_through=True)
     finally:
         del inner.forward
+
+
+def _is_fsdp(model) -> bool:
+    """Whether ``model`` is the root of FSDP2's sharding (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def label_tokens(labels) -> int:

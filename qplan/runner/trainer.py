@@ -119,6 +119,22 @@ class QplanTrainer(Trainer):
         self.ctx = ctx
         self.model_accepts_loss_kwargs = True
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Under FSDP the adapter was loaded before sharding (child._load); the rest of the
+        checkpoint (optimizer, schedule, state) is the Trainer's as usual."""
+        if self.ctx.cfg.strategy == "fsdp":
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def create_optimizer(self, *a, **kw):
+        """Under FSDP the optimizer is made here, over the sharded parameters (the Trainer
+        calls this after wrapping the model); otherwise the one given is used."""
+        if self.optimizer is None and self.ctx.cfg.strategy == "fsdp":
+            self.optimizer = T.make_optimizer(self.model.parameters(), self.ctx.cfg,
+                                              lr=self.ctx.spec.lr)
+            return self.optimizer
+        return super().create_optimizer(*a, **kw)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = self.ctx
         index = list(inputs.pop("qplan_index"))
@@ -325,6 +341,8 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
     if spec.world_size > 1:  # each rank runs its share of the step's micro-batches
         ddp = dict(ddp_backend="nccl" if cuda else "gloo", ddp_find_unused_parameters=False,
                    average_tokens_across_devices=False)
+        if cfg.strategy == "fsdp":
+            ddp.update(fsdp_arguments())
     return TrainingArguments(
         output_dir=str(Path(spec.attempt_dir) / "trainer"),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -338,3 +356,14 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
         fp16=cfg.compute_dtype == "fp16" and cuda, use_cpu=not cuda, seed=spec.seed,
         dataloader_num_workers=0, dataloader_pin_memory=cuda, prediction_loss_only=True,
         log_level="error", train_sampling_strategy="sequential", **ddp)
+
+
+def fsdp_arguments() -> dict:
+    """TrainingArguments for FSDP-QLoRA: FSDP2 through accelerate, every decoder block its
+    own unit (the model's ``_no_split_modules``), resharded after its forward; the
+    adapter's checkpoint saved whole. The model is loaded on the host first
+    (:func:`qplan.runner.child._device_map`) and sharded onto the GPUs as it is wrapped."""
+    return dict(fsdp=True,
+                fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                             "reshard_after_forward": True, "cpu_ram_efficient_loading": False,
+                             "state_dict_type": "FULL_STATE_DICT"})

@@ -1,0 +1,184 @@
+"""FSDP-QLoRA on two GPUs with ``qplan run``: per-GPU memory and throughput against the plan
+(issue 12).
+
+On a machine with 2 GPUs (the device tool's ``nvidia-h200-x2``), one case after another, each
+its own ``qplan run`` process tree on otherwise idle GPUs: ``qplan suggest --gpu CARD
+--gpus 2 ... --save`` (for a card one whole 4-bit copy does not fit, the search shards the
+model: strategy fsdp), then ``qplan run --plan`` of it (``--simulate-gpu CARD``: each GPU's
+allocator capped to the card): each rank's peak against the per-GPU estimate, steady tokens/s
+against the prediction. The model is a random-weight build of the catalogue shape.
+
+    python benchmarks/fsdp_gpu.py --out "$OUT/fsdp.jsonl"      # GPU machine, 2 GPUs
+    python benchmarks/fsdp_gpu.py --report                      # results/fsdp_gpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+from ddp_gpu import pair  # noqa: E402
+
+RAW = ROOT / "benchmarks" / "results" / "raw"
+REPORT = ROOT / "benchmarks" / "results" / "fsdp_gpu.md"
+
+# (model, card, seq, fixed suggest options, steps, name)
+CASES = [
+    ("qwen3-8b", "rtx-4060-ti", 2048, (), 6, "qwen3-8b 4060ti-8gb x2 2k"),
+    ("llama-3.2-1b", "h200", 2048, ("--strategy", "fsdp", "--batch", "4"), 6,
+     "llama-3.2-1b h200 x2 fsdp 2k b4"),
+    ("qwen3-14b", "rtx-3060", 2048, (), 6, "qwen3-14b 3060 x2 2k"),
+    ("qwen3-4b", "h200", 2048, ("--strategy", "fsdp", "--batch", "4"), 8,
+     "qwen3-4b h200 x2 fsdp 2k b4"),
+    ("llama-3.1-8b", "rtx-3080", 2048, ("--strategy", "fsdp"), 6, "llama-3.1-8b 3080 x2 fsdp 2k"),
+]
+# Checkpoints and recovery under FSDP: a checkpoint every 2 steps, an out-of-memory error
+# injected on rank 1 at step 4 of attempt 1; the next attempt resumes from step 2's (sharded
+# optimizer state, the adapter loaded before sharding). name -> (case, run flags, failpoints)
+RESUME = {
+    "llama-3.2-1b h200 x2 fsdp resume": (
+        ("llama-3.2-1b", "h200", 1024, ("--strategy", "fsdp", "--batch", "2"), 6),
+        ("--save-steps", "2", "--max-attempts", "3"), "oom@attempt=1,step=4,rank=1"),
+}
+
+
+def report_paths() -> list[Path]:
+    """The raw runs the report shows: fsdp1 and fsdp2 ran before the fixes their errors led
+    to (see the notes)."""
+    return [p for p in sorted(RAW.glob("h200x2_fsdp*.jsonl"))
+            if p.name not in ("h200x2_fsdp1.jsonl", "h200x2_fsdp2.jsonl")]
+
+
+def report(paths: list[Path]) -> str:
+    lines = ["# FSDP-QLoRA on two GPUs: per-GPU memory and speed against the plan", "",
+             f"Made by `python benchmarks/fsdp_gpu.py --report` from "
+             f"{', '.join(f'`{p.relative_to(ROOT)}`' for p in paths)} "
+             "(`benchmarks/fsdp_gpu.py` on the device tool's nvidia-h200-x2: 2 H200s over NVLink; "
+             "each case `qplan suggest --gpus 2 ... --save`, then `qplan run --plan`, consumer "
+             "cards as `--simulate-gpu`, random-weight models of the catalogue shapes).", "",
+             "| case | plan | estimate GiB per GPU (then) | measured GiB (nvidia-smi) rank 0 / "
+             "rank 1 | error | estimate now (+ band) | error now | predicted tok/s | measured "
+             "steady tok/s | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        for line in p.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("case") != "pair":
+                continue
+            cfg = r.get("plan") or {}
+            plan = (f"{cfg.get('strategy', 'ddp')} b{cfg.get('batch_size')}x{cfg.get('grad_accum')}"
+                    f"{' ckpt' if cfg.get('grad_ckpt') else ''} {cfg.get('loss', '')}"
+                    if cfg else r.get("status", ""))
+            est = r.get("estimated_peak_gib") or (r.get("estimate") or {}).get("peak_gib")
+            ranks = r.get("rank_measured") or []
+            peaks = [x.get("nvml_peak_gib") for x in ranks if x] or [
+                (r.get("measured") or {}).get("nvml_peak_gib")]
+            peaks = [x for x in peaks if x is not None]
+            m = re.search(r"first step peaked at ([0-9.]+) GiB", (r.get("stdout") or "")
+                          + (r.get("stderr") or "") + str(r.get("error") or ""))
+            if not peaks and m:  # stopped after the first step (peak above the band)
+                peaks = [float(m.group(1))]
+            worst = max(peaks) if peaks else None
+            err = f"{(est - worst) / worst:+.1%}" if est and worst else ""
+            pred, meas = r.get("predicted_tokens_per_s"), r.get("steady_tokens_per_s")
+            serr = f"{(pred - meas) / meas:+.1%}" if pred and meas else ""
+            status = "" if r.get("status") in ("ok", "completed") else (
+                " (stopped after step 1: peak above the band)" if m else
+                f" ({r.get('status')}: {str(r.get('error'))[:80]})")
+            now, nerr = _now(r)
+            if now and worst:
+                nerr = f"{(now[0] - worst) / worst:+.1%}"
+            lines.append(f"| {r['name']}{status} | {plan} | {est} | "
+                         f"{' / '.join(f'{x:.2f}' for x in peaks)} | {err} | "
+                         f"{f'{now[0]:.2f} (+{now[1]:.2f})' if now else ''} | {nerr} | {pred} | "
+                         f"{meas} | {serr} |")
+    return "\n".join(lines + [""] + NOTES) + "\n"
+
+
+def _now(r: dict):
+    """(peak, band) GiB of the row's plan by this commit's memory model, and ''."""
+    from qplan import api
+    from qplan.planner.config import TrainConfig
+
+    if not r.get("plan"):
+        return None, ""
+    e = api.estimate(api.get_model(r["model"]), api.get_gpu(r["card"]),
+                     TrainConfig.from_dict(r["plan"]), use_calibration=False)
+    return (round(e.memory.peak_gib, 2), round(e.memory.band_gib, 2)), ""
+
+
+NOTES = """Notes:
+
+- Estimates are the plan's estimate when the run was made. fsdp3 (the 8B and 14B rows) ran
+  with one gathered output layer and two gathered blocks in `fsdp_gathered`; their first-step
+  peaks (8.30 and 12.24 GiB) were 1.3 and 1.8 GiB above, the size of the output layer and
+  about two blocks more: FSDP2 gathers a unit into one buffer and copies each parameter out of
+  it. `calibration.FSDP_GATHERED_HEAD = 2`, `FSDP_GATHERED_BLOCKS = 4` were fitted to those
+  two rows (now 8.34 and 12.24 GiB: in-sample). fsdp4 ran with them: llama-3.1-8b capped to a
+  10 GB card (held out) peaked 5.6% above its estimate, qwen3-4b on whole H200s 2.2% below;
+  `calibration.BAND_FSDP` (6% more band for sharded plans) covers that.
+- The runs stopped at step 1 are the runner's first-step check: a peak above the estimate and
+  its band re-plans before a later step runs out of memory (each benchmark run allows one
+  attempt).
+- fsdp1 and fsdp2 found four bugs before any FSDP step completed (not in the table):
+  bitsandbytes' 8-bit optimizers cannot update FSDP's DTensor parameters (FSDP plans now take
+  adamw_torch); the fused loss read the sharded output weight (now gathered first, and run
+  inside the root's forward); the end-of-run adapter save, a gather, ran on rank 0 only;
+  the re-plan ladder switched an FSDP plan to the paged 8-bit optimizer.
+- Speed: the prediction was 45% and 30% above the measured steady speed (llama-3.2-1b b4:
+  80,867 predicted, 55,828 measured; qwen3-4b b4: 24,871 vs 19,164) on NVLink, where the
+  gathers' bytes are small: the per-block collectives and FSDP2's hooks cost time the speed
+  model does not have. Not fitted (two points); FSDP plans say so.
+- Software on the GPU machine: torch 2.11, transformers 5.24, accelerate 1.15 (FSDP2 through
+  `fsdp_config={"version": 2}`), peft 0.21.2, bitsandbytes 0.50.2 (4-bit values stored as
+  bf16, `bnb_4bit_quant_storage`).
+""".splitlines()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--only", help="comma-separated case names")
+    ap.add_argument("--deadline", type=float, default=0, help="start no case after this many s")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    if args.report:
+        REPORT.write_text(report(report_paths()))
+        print(REPORT)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="qplan-fsdp-"))
+    start = time.time()
+    only = set(args.only.split(",")) if args.only else None
+    todo = [(c, (), None) for c in CASES] + [((*c, name), extra, fail)
+                                             for name, (c, extra, fail) in RESUME.items()]
+    for c, extra, fail in todo:
+        if only and c[-1] not in only:
+            continue
+        if args.deadline and time.time() - start > args.deadline:
+            print(f"{c[-1]}: not started (deadline)", flush=True)
+            continue
+        if fail:
+            os.environ["QPLAN_FAILPOINTS"] = fail
+        try:
+            recs = pair(*c, work=work, cpu=False, gpus_list=(2,), run_extra=extra)
+        finally:
+            os.environ.pop("QPLAN_FAILPOINTS", None)
+        with open(args.out, "a") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
