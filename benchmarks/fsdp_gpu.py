@@ -67,8 +67,8 @@ def report(paths: list[Path]) -> str:
              "cards as `--simulate-gpu`, random-weight models of the catalogue shapes).", "",
              "| case | plan | estimate GiB per GPU (then) | measured GiB (nvidia-smi) rank 0 / "
              "rank 1 | error | estimate now (+ band) | error now | predicted tok/s | measured "
-             "steady tok/s | error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "steady tok/s | error | host GiB a process (RSS) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
         for line in p.read_text().splitlines():
             r = json.loads(line)
@@ -100,8 +100,15 @@ def report(paths: list[Path]) -> str:
             lines.append(f"| {r['name']}{status} | {plan} | {est} | "
                          f"{' / '.join(f'{x:.2f}' for x in peaks)} | {err} | "
                          f"{f'{now[0]:.2f} (+{now[1]:.2f})' if now else ''} | {nerr} | {pred} | "
-                         f"{meas} | {serr} |")
+                         f"{meas} | {serr} | {_rss(r)} |")
     return "\n".join(lines + [""] + NOTES) + "\n"
+
+
+def _rss(r: dict) -> str:
+    """The largest resident host memory of a rank's process (loading reads the checkpoint)."""
+    x = [m.get("host_rss_peak_gib") for m in (r.get("rank_measured") or []) if m]
+    x = [v for v in x if v is not None]
+    return f"{max(x):.1f}" if x else ""
 
 
 def _now(r: dict):
@@ -138,6 +145,11 @@ NOTES = """Notes:
   80,867 predicted, 55,828 measured; qwen3-4b b4: 24,871 vs 19,164) on NVLink, where the
   gathers' bytes are small: the per-block collectives and FSDP2's hooks cost time the speed
   model does not have. Not fitted (two points); FSDP plans say so.
+- Host memory: each process loads the 16-bit checkpoint and quantizes it on the host; its
+  resident memory peaked at about 1.4x the checkpoint plus 0.8 GiB (4.0, 11.0, 21.2 GiB for
+  2.3, 7.5, 15.0 GiB checkpoints; resident memory includes the file's cached pages, which the
+  system can reclaim). Plans say so (`calibration.FSDP_LOAD_RSS_PER_CHECKPOINT`): for a 70B
+  model that is a large host; loading pre-quantized weights would need far less (not built).
 - Software on the GPU machine: torch 2.11, transformers 5.24, accelerate 1.15 (FSDP2 through
   `fsdp_config={"version": 2}`), peft 0.21.2, bitsandbytes 0.50.2 (4-bit values stored as
   bf16, `bnb_4bit_quant_storage`).

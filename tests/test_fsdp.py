@@ -330,3 +330,13 @@ def test_estimate_with_strategy_fsdp_takes_torch_adamw_unless_told(tmp_path):
     assert d["settings"]["optim"] == "adamw_torch" and "fsdp_gathered" in d["breakdown"]
     r = CliRunner().invoke(cli, base + ["--optim", "paged_adamw_8bit"])
     assert r.exit_code == 2 and "needs optim adamw_torch" in r.output
+
+
+def test_plans_say_what_loading_asks_of_the_host():
+    m = api.get_model("llama-3.1-70b")
+    e = M.estimate_memory(m, _fsdp(2), api.get_gpu("a100-40gb-sxm"))
+    note = [n for n in e.notes if n.startswith("loading:")]
+    assert note and "each of the 2 processes reads the 131 GiB 16-bit checkpoint" in note[0]
+    assert "~185 GiB each" in note[0]
+    assert not [n for n in M.estimate_memory(m, TrainConfig(**BASE, gpus=2), None).notes
+                if n.startswith("loading:")]

@@ -238,6 +238,7 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
     render.print_settings(d["settings"], why, title="Settings")
     render.print_lines([f"  {r}" for r in rest])
     render.print_breakdown(d, title=_memory_title(plan.config))
+    render.print_lines([f"note: {n}" for n in plan.memory.notes])  # the memory model's
     lines = [f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s{_on_all(plan.config)} "
              f"(±{d['speed_uncertainty']:.0%}; {plan.config.tokens_per_step:,} tokens per "
              f"optimizer step, {d['step_s']:.2f} s a step)"]
@@ -346,6 +347,7 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
             render.print_lines([f"note: {n}"])
         render.print_settings(d["settings"], title="Settings")
         render.print_breakdown(d, title=_memory_title(cfg))
+        render.print_lines([f"note: {n}" for n in est.memory.notes])  # the memory model's
         render.print_lines([f"estimated speed: {d['tokens_per_s']:,.0f} tokens/s{_on_all(cfg)} "
                             f"(±{d['speed_uncertainty']:.0%}; {d['step_s']:.2f} s per optimizer "
                             "step)"])

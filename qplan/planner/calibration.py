@@ -128,6 +128,12 @@ BAND_FSDP = 0.06
 # (qwen3-4b 2k b4) the predicted time: the per-block collectives and FSDP2's hooks.
 # In-sample, two points (benchmarks/results/fsdp_gpu.md).
 FSDP_TIME_FACTOR = 1.37
+# FSDP runs load and quantize the model on the host in every process: resident memory of a
+# process peaked at 4.0, 11.0 and 21.2 GiB for llama-3.2-1b, qwen3-4b and llama-3.1-8b (16-bit
+# checkpoints of 2.3, 7.5 and 15.0 GiB): about 1.4x the checkpoint plus 0.8 GiB. Resident
+# memory counts the checkpoint file's cached pages, which the system can reclaim.
+FSDP_LOAD_RSS_PER_CHECKPOINT = 1.4
+FSDP_LOAD_RSS_BASE_GIB = 0.8
 # Share of the link rate (GpuProfile.link) a ring all-reduce's bus bandwidth reaches, by
 # kind of link; and a fixed cost per all-reduce call (one per DDP bucket). NVLink: 287 GB/s
 # of 450 for 170 MiB of float32 on two H200s (0.47 at 16 MiB). PCIe: assumed (consumer cards

@@ -214,6 +214,19 @@ def collective_buffers(cfg: TrainConfig) -> int:
     return int(C.NCCL_BUFFERS_GIB * GIB) if cfg.gpus > 1 else 0
 
 
+def fsdp_loading_note(model: ModelProfile, cfg: TrainConfig) -> str:
+    """What loading an FSDP plan asks of the host: every process reads the 16-bit checkpoint
+    and quantizes it in host memory before the GPUs receive their shards."""
+    ckpt = 2 * model.total_params / GIB
+    four = (quantized_weights(model, cfg.with_(strategy="ddp", gpus=1))
+            + model.unquantized_params * 2) / GIB
+    rss = C.FSDP_LOAD_RSS_PER_CHECKPOINT * ckpt + C.FSDP_LOAD_RSS_BASE_GIB
+    return (f"loading: each of the {cfg.gpus} processes reads the {ckpt:.0f} GiB 16-bit checkpoint "
+            f"and quantizes it on the host ({four:.1f} GiB in 4 bit) before its GPU gets its "
+            f"shard; host memory use peaked at 1.4x the checkpoint a process in the measured "
+            f"runs (~{rss:.0f} GiB each here, partly the file's cached pages)")
+
+
 def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
     """AdamW's two moments per trainable parameter.
 
@@ -708,6 +721,8 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
             f"{model.name} is a mixture of experts ({model.num_local_experts} experts); qplan's "
             "memory model covers dense decoders only. A plugin can supply MoE terms through "
             "the adjust_memory hook; dense models of similar size: see `qplan models`.")
+    if cfg.strategy == "fsdp" and cfg.gpus > 1:
+        notes.append(fsdp_loading_note(model, cfg))
     cap = capacity_bytes if capacity_bytes is not None else (gpu.memory_bytes if gpu else None)
     host = 0
     if _offloaded(cfg):
