@@ -313,6 +313,16 @@ def _next(pm, cfg, **kw):
                                 pm=pm, **kw)
 
 
+def test_a_proposal_that_changes_the_strategy_is_set_aside():
+    cfg = TrainConfig(seq_len=512, batch_size=4, grad_accum=2, gpus=2, strategy="fsdp",
+                      optim="adamw_torch")
+    p = Proposer(lambda c: c.with_(strategy="ddp", batch_size=2, grad_accum=4))
+    pm = make_plugin_manager(entry_points=False, plugins={"proposer": p})
+    new, why = _next(pm, cfg, allow_shorter_seq=False)
+    assert new.strategy == "fsdp" and new.optim == "adamw_torch"
+    assert "proposed strategy ddp" in why.text and why.source == "qplan"
+
+
 def test_the_on_out_of_memory_hook_is_asked_first():
     p = Proposer(lambda c: c.with_(batch_size=1, grad_accum=c.effective_batch, loss="fused"))
     pm = make_plugin_manager(entry_points=False, plugins={"proposer": p})
@@ -328,6 +338,7 @@ def test_the_on_out_of_memory_hook_is_asked_first():
     (lambda c: c.with_(seq_len=256), "--allow-shorter-seq"),
     (lambda c: c, "same settings"),
     (lambda c: None, ""),
+    (lambda c: c.with_(gpus=2, strategy="fsdp", optim="adamw_torch"), "proposed 2 GPU(s)"),
 ])
 def test_proposals_that_break_the_rules_fall_back_to_the_ladder(make, reason):
     pm = make_plugin_manager(entry_points=False, plugins={"proposer": Proposer(make)})

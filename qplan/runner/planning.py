@@ -193,6 +193,9 @@ def _set_aside(cfg: TrainConfig, new: TrainConfig, who: str,
     if new.gpus != cfg.gpus:
         return (f"plugin {who!r} proposed {new.gpus} GPU(s), but a run keeps the "
                 f"{cfg.gpus} it started with")
+    if new.strategy != cfg.strategy:
+        return (f"plugin {who!r} proposed strategy {new.strategy}, but a run keeps "
+                f"{cfg.strategy}: its checkpoints are in that strategy's form")
     if new == cfg:
         return f"plugin {who!r} proposed the same settings"
     return None
