@@ -258,9 +258,10 @@ def _check_strategy(strategy: str, device: str) -> None:
     """FSDP shards across CUDA GPUs only: accelerate runs CPU processes data-parallel."""
     if strategy == "fsdp" and device != "cuda":
         raise BadInputError(
-            "strategy fsdp shards the model across CUDA GPUs; on the CPU accelerate runs the "
-            "processes data-parallel only, so --cpu cannot train this plan. Use --strategy ddp "
-            "with --cpu (each process holds the whole model), or run it on GPUs")
+            "this plan shards the model across GPUs (strategy fsdp), but the run would be on "
+            "the CPU (--cpu, or no CUDA GPU here), where accelerate runs the processes "
+            "data-parallel only. Run it on a machine with the plan's GPUs, or train on the CPU "
+            "with --strategy ddp (each process holds the whole model)")
 
 
 def _default_output(model: str) -> Path:
