@@ -197,3 +197,18 @@ def test_ddp_fixed_says_fsdp_would_shard_it():
                     find_alternatives=False)
     assert "every GPU holds the whole model" in str(e.value)
     assert "--strategy fsdp" in str(e.value)
+
+
+def test_exported_trl_script_puts_each_process_on_its_own_gpu(tmp_path):
+    """With several processes (accelerate launch), the script's model goes to the process's
+    GPU (LOCAL_RANK), not GPU 0 for every rank."""
+    plan = tmp_path / "p.yaml"
+    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090",
+                                 "--gpus", "2", "--save", str(plan)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["export", "--plan", str(plan), "--format", "trl", "-o",
+                                 str(tmp_path / "t.py")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "t.py").read_text()
+    assert 'device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else None' in text
+    assert 'device_map={"": 0}' not in text

@@ -279,7 +279,8 @@ def main(argv=None):
 {bnb}    model = AutoModelForCausalLM.from_pretrained(
         MODEL,
 {fp_kwargs}
-        device_map={{"": 0}} if cuda else None,
+        # each process its own GPU (accelerate launch sets LOCAL_RANK; 0 for one process)
+        device_map={{"": int(os.environ.get("LOCAL_RANK", "0"))}} if cuda else None,
     )
 {prepare}    peft_config = LoraConfig(
 {lora_kwargs}
