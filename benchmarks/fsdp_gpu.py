@@ -40,6 +40,9 @@ CASES = [
     ("qwen3-4b", "h200", 2048, ("--strategy", "fsdp", "--batch", "4"), 8,
      "qwen3-4b h200 x2 fsdp 2k b4"),
     ("llama-3.1-8b", "rtx-3080", 2048, ("--strategy", "fsdp"), 6, "llama-3.1-8b 3080 x2 fsdp 2k"),
+    # the issue's case: no whole copy fits one 24 GB card at 12k tokens (DDP needs more), the
+    # search shards it; a 65 GB random-weight checkpoint and ~90 GB of host memory a process
+    ("qwen2.5-32b", "rtx-4090", 12288, ("--target-batch", "2"), 3, "qwen2.5-32b 4090 x2 12k"),
 ]
 # Checkpoints and recovery under FSDP: a checkpoint every 2 steps, an out-of-memory error
 # injected on rank 1 at step 4 of attempt 1; the next attempt resumes from step 2's (sharded
