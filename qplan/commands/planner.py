@@ -96,6 +96,7 @@ SUGGEST_EXAMPLES = examples(
     "qplan suggest --model ./my-model/config.json --vram 12 --longest",
     "qplan suggest --model mistral-7b --gpu a100-80gb --data train.jsonl --epochs 3 --save plan.yaml",
     "qplan suggest --model llama-3.2-1b --gpu rtx-4090 --json",
+    "qplan suggest --model llama-3.1-70b --gpu a100-40gb-sxm --gpus 2",
 )
 
 
