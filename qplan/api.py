@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qplan.errors import BadInputError, DoesNotFitError
-from qplan.planner.config import TrainConfig
+from qplan.planner.config import FSDP_OPTIM, TrainConfig
 from qplan.planner.memory import MemoryEstimate
 from qplan.planner.plan import Plan, Reason
 from qplan.planner.reasons import plan_reasons, policy_reasons
@@ -229,8 +229,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
             "Leave the dtype to qplan (fp16 is chosen there) or pick an Ampere or newer card.")
-    if fixed.get("strategy") == "fsdp" and not fixed.get("optim"):
-        fixed["optim"] = "adamw_torch"  # the optimizer FSDP's sharded parameters take
+    if fixed.get("strategy") == "fsdp":
+        fixed = sharded_settings(fixed)
     policies = _policies(pm)
 
     def run_search(fixed):
@@ -247,8 +247,7 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             and fixed.get("prepare") != "kbit" and not fixed.get("embed_on_cpu"):
         # no whole copy fits one GPU: shard the model across them (FSDP)
         sharded = min(seen, key=lambda c: c.memory.safe_peak_bytes)
-        best, seen_fsdp = run_search({**fixed, "strategy": "fsdp",
-                                      "optim": fixed.get("optim") or "adamw_torch"})
+        best, seen_fsdp = run_search(sharded_settings(fixed))
         seen = seen_fsdp or seen
     if best is None and not seen:
         raise BadInputError(
@@ -279,6 +278,11 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
                      capacity_bytes=capacity_bytes, pm=pm, use_calibration=use_calibration,
                      extra_reasons=_policy_reasons(policies, best.config))
+
+
+def sharded_settings(fixed: dict[str, Any]) -> dict[str, Any]:
+    """``fixed`` with strategy fsdp, and the optimizer FSDP takes unless one is fixed."""
+    return {**fixed, "strategy": "fsdp", "optim": fixed.get("optim") or FSDP_OPTIM}
 
 
 def check_gpus_split(target: int, fixed: dict[str, Any]) -> None:

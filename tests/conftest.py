@@ -85,3 +85,21 @@ def text_data(tmp_path_factory):
 
     p = tmp_path_factory.mktemp("data") / "train.jsonl"
     return TL.write_jsonl(p, [{"text": s} for s in TL.sentences(60, seed=5)])
+
+
+@pytest.fixture
+def export_two_gpu_plan(tmp_path):
+    """``qplan suggest --gpus 2 --save`` of MODEL on CARD, then ``qplan export --format trl``
+    of that plan into tmp_path/t.py (extra export arguments appended); the export's result."""
+    from click.testing import CliRunner
+
+    from qplan.cli import cli
+
+    def run(model: str, card: str, *export_args: str):
+        plan = tmp_path / "p.yaml"
+        r = CliRunner().invoke(cli, ["suggest", "--model", model, "--gpu", card, "--gpus", "2",
+                                     "--save", str(plan)])
+        assert r.exit_code == 0, r.output
+        return CliRunner().invoke(cli, ["export", "--plan", str(plan), "--format", "trl", "-o",
+                                        str(tmp_path / "t.py"), *export_args])
+    return run

@@ -243,17 +243,8 @@ def test_fused_loss_runs_through_fsdp2_on_cpu(tmp_path, units, port):
     assert a == pytest.approx(b, rel=1e-5) and gdiff < 1e-5
 
 
-def test_export_of_an_fsdp_plan_is_refused_with_what_to_do(tmp_path):
-    from click.testing import CliRunner
-
-    from qplan.cli import cli
-
-    plan = tmp_path / "p.yaml"
-    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-70b", "--gpu", "a100-40gb-sxm",
-                                 "--gpus", "2", "--save", str(plan)])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["export", "--plan", str(plan), "--format", "trl", "-o",
-                                 str(tmp_path / "t.py")])
+def test_export_of_an_fsdp_plan_is_refused_with_what_to_do(export_two_gpu_plan):
+    r = export_two_gpu_plan("llama-3.1-70b", "a100-40gb-sxm")
     assert r.exit_code == 2
     assert "strategy fsdp" in r.output and "qplan run --plan" in r.output
 

@@ -163,13 +163,8 @@ def test_export_for_two_gpus_writes_per_process_accumulation_and_the_launch(tmp_
     assert field.replace("8", "16") in e1.text
 
 
-def test_export_cli_writes_the_accelerate_config_beside_the_file(tmp_path):
-    plan = tmp_path / "p.yaml"
-    r = CliRunner().invoke(cli, ["suggest", "--model", "qwen3-4b", "--gpu", "rtx-4090",
-                                 "--gpus", "2", "--save", str(plan)])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["export", "--plan", str(plan), "--format", "trl", "-o",
-                                 str(tmp_path / "t.py"), "--json"])
+def test_export_cli_writes_the_accelerate_config_beside_the_file(tmp_path, export_two_gpu_plan):
+    r = export_two_gpu_plan("qwen3-4b", "rtx-4090", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     acc = tmp_path / "accelerate_config.yaml"
@@ -199,15 +194,10 @@ def test_ddp_fixed_says_fsdp_would_shard_it():
     assert "--strategy fsdp" in str(e.value)
 
 
-def test_exported_trl_script_puts_each_process_on_its_own_gpu(tmp_path):
+def test_exported_trl_script_puts_each_process_on_its_own_gpu(tmp_path, export_two_gpu_plan):
     """With several processes (accelerate launch), the script's model goes to the process's
     GPU (LOCAL_RANK), not GPU 0 for every rank."""
-    plan = tmp_path / "p.yaml"
-    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090",
-                                 "--gpus", "2", "--save", str(plan)])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["export", "--plan", str(plan), "--format", "trl", "-o",
-                                 str(tmp_path / "t.py")])
+    r = export_two_gpu_plan("llama-3.1-8b", "rtx-4090")
     assert r.exit_code == 0, r.output
     text = (tmp_path / "t.py").read_text()
     assert 'device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else None' in text

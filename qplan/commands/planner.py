@@ -314,13 +314,13 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
     the largest term are still printed).
     """
     from qplan import api, render
-    from qplan.planner.config import TrainConfig
+    from qplan.planner.config import FSDP_OPTIM, TrainConfig
     from qplan.planner.search import default_attention, usable_bytes
 
     values = knob_values(knobs)
     src = click.get_current_context().get_parameter_source
     if values.get("strategy") == "fsdp" and src("optim") == click.core.ParameterSource.DEFAULT:
-        values["optim"] = "adamw_torch"  # the optimizer FSDP's sharded parameters take
+        values["optim"] = FSDP_OPTIM  # the optimizer FSDP's sharded parameters take
     m = api.get_model(model)
     t = resolve_target(gpu, vram, reserve)
     values.setdefault("attn", default_attention(m, t.gpu))

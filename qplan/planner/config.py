@@ -19,6 +19,8 @@ DTYPES = ("bf16", "fp16")
 # How several GPUs share the work: ddp = a whole model copy on each, fsdp = the weights,
 # adapters and optimizer states sharded across them (FSDP2 through accelerate).
 STRATEGIES = ("ddp", "fsdp")
+# The optimizer FSDP's sharded (DTensor) parameters take: bitsandbytes' 8-bit ones fail on them.
+FSDP_OPTIM = "adamw_torch"
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,10 @@ class TrainConfig:
         if self.embed_on_cpu:
             p.append("strategy fsdp shards the embeddings across the GPUs; embed_on_cpu (the "
                      "embeddings in CPU memory) does not combine with it: turn one off")
-        if self.optim != "adamw_torch":
-            p.append(f"strategy fsdp needs optim adamw_torch: bitsandbytes' 8-bit optimizers "
+        if self.optim != FSDP_OPTIM:
+            p.append(f"strategy fsdp needs optim {FSDP_OPTIM}: bitsandbytes' 8-bit optimizers "
                      f"({self.optim}) cannot update FSDP's sharded (DTensor) parameters; use "
-                     "--optim adamw_torch (the LoRA states are small, and sharded)")
+                     f"--optim {FSDP_OPTIM} (the LoRA states are small, and sharded)")
         if self.prepare == "kbit":
             p.append("strategy fsdp needs prepare lean: kbit preparation casts norms and "
                      "embeddings to float32 beside 16-bit weights, which FSDP cannot shard "

@@ -188,6 +188,13 @@ def ddp_gradient_buckets(model: ModelProfile, cfg: TrainConfig) -> int:
     return lora_gradients(model, cfg) if cfg.gpus > 1 and cfg.strategy == "ddp" else 0
 
 
+def gathered_blocks_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Every decoder block as FSDP gathers it: the packed 4-bit values, the norms and the LoRA
+    matrices in 16-bit (what one GPU receives whole, block by block, each pass)."""
+    return (_quant_payload(model.quantized_params, cfg) + 2 * model.small_params
+            + 2 * lora_param_count(model, cfg))
+
+
 def fsdp_gathered_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """Under FSDP: the whole (gathered) weights a GPU holds at the peak besides its shards.
 
@@ -201,9 +208,7 @@ def fsdp_gathered_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """
     if cfg.strategy != "fsdp":
         return 0
-    layers = model.num_hidden_layers
-    block = (_quant_payload(model.quantized_params, cfg) / layers
-             + 2 * model.small_params / layers + 2 * lora_param_count(model, cfg) / layers)
+    block = gathered_blocks_bytes(model, cfg) / model.num_hidden_layers
     head = 2 * (model.lm_head_params or model.embedding_params)
     return int(C.FSDP_GATHERED_HEAD * head + C.FSDP_GATHERED_BLOCKS * block)
 

@@ -209,10 +209,9 @@ def fsdp_gather_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> flo
     n = cfg.gpus
     if n <= 1 or cfg.strategy != "fsdp":
         return 0.0
-    from qplan.planner.memory import _quant_payload, lora_param_count
+    from qplan.planner.memory import gathered_blocks_bytes, lora_param_count
 
-    blocks = (_quant_payload(model.quantized_params, cfg) + 2 * model.small_params
-              + 2 * lora_param_count(model, cfg))
+    blocks = gathered_blocks_bytes(model, cfg)
     head = 2 * (model.embedding_params + model.lm_head_params)
     grads = 4 * lora_param_count(model, cfg)
     link = gpu.link
