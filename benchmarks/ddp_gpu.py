@@ -115,6 +115,8 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
         p = qplan(*args, cwd=out.parent)
     finally:
         os.environ.pop("QPLAN_PROFILE", None)
+    if os.environ.get("QPLAN_BENCH_DEBUG"):  # every rank's stderr (pair copies *.log)
+        (out.parent / f"{out.name}.stderr.log").write_text(p.stderr[-200_000:])
     rep = out / "report.json"
     if not rep.exists():
         return {"status": "no report", "stderr": p.stderr[-2000:], "stdout": p.stdout[-1000:]}
@@ -143,7 +145,8 @@ def pair(model: str, card: str, seq: int, knobs, steps: int, name: str, work: Pa
         plan = d / f"plan{gpus}.yaml"
         sug = _suggest(model, card, seq, knobs, gpus, plan, cpu, mdir)
         rec: dict = {"case": "pair", "name": name, "model": model, "card": card, "seq": seq,
-                     "gpus": gpus}
+                     "gpus": gpus,  # the runner's memory sampler period (A/B of its cost)
+                     "sample_interval_s": float(os.environ.get("QPLAN_SAMPLE_INTERVAL_S", "0.02"))}
         if "settings" not in sug:
             recs.append({**rec, **sug})
             continue

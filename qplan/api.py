@@ -351,16 +351,30 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     """Nearest plans that do fit: a shorter sequence, a smaller model, more of these cards
     (sharded), a bigger card."""
     out: list[str] = []
-    s = seq_len // 2
-    while s >= 128:
+    def fits(s: int) -> Plan | None:
         try:
-            p = suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,
-                        capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes, pm=pm,
-                        find_alternatives=False)
-            out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
-            break
+            return suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,
+                           capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes, pm=pm,
+                           find_alternatives=False)
         except DoesNotFitError:
-            s //= 2
+            return None
+
+    # halve until one fits, then the longest multiple of 256 tokens between it and the
+    # asked length that fits (20,480 on a 24 GB card: 16,384 fits, not only 10,240)
+    s = seq_len // 2
+    p = None
+    while s >= 128 and (p := fits(s)) is None:
+        s //= 2
+    if p is not None:
+        lo, hi = s // 256, (seq_len - 1) // 256
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            q = fits(mid * 256)
+            if q is not None:
+                lo, s, p = mid, mid * 256, q
+            else:
+                hi = mid - 1
+        out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
     cat = catalog(pm)
     # the largest smaller model that fits: same family first, then any family
     smaller = sorted((m for m in cat.models if not m.is_moe and m.total_params < model.total_params),

@@ -130,3 +130,53 @@ def test_a_plan_for_two_gpus_runs_two_processes(tmp_path, model_dir, text_data):
     assert len(a["rank_measured"]) == 2 and all(m["device"] == "cpu" for m in a["rank_measured"])
     assert json.loads((out / "attempts" / "1" / "result.json").read_text())["parallel"] == "ddp x2"
     assert "rank 1" in (out / "summary.md").read_text()
+
+
+def _rank_stand_in(tmp_path: Path, code: str) -> "subprocess.Popen":
+    """A process standing in for a training rank (the life-line attribute wait_ranks closes)."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
+    r, _w = os.pipe()
+    p.qplan_lifeline = r  # type: ignore[attr-defined]
+    return p
+
+
+@pytest.mark.parametrize("status,stopped", [("oom", True), ("error", True), ("ok", False)])
+def test_a_rank_whose_result_says_it_failed_stops_the_others_even_if_it_hangs(
+        tmp_path, monkeypatch, status, stopped):
+    """A rank whose result says it failed counts as ended, should its process linger (its
+    teardown waiting on collectives): after the grace, all are killed. A result that says
+    ok does not (the rank is about to exit)."""
+    import time
+
+    from qplan.runner import supervise
+
+    monkeypatch.setattr(supervise, "RANK_GRACE_S", 0.5)
+    res = [tmp_path / "r0.json", tmp_path / "r1.json"]
+    waits = "import time; time.sleep(4)"
+    hangs_after_result = (f"import json, time; open({str(res[1])!r}, 'w').write("
+                          f"json.dumps({{'status': {status!r}}})); time.sleep(4)")
+    procs = [_rank_stand_in(tmp_path, waits), _rank_stand_in(tmp_path, hangs_after_result)]
+    t0 = time.monotonic()
+    codes, first = supervise.wait_ranks(procs, res)
+    took = time.monotonic() - t0
+    if stopped:
+        assert first == 1 and codes == [-9, -9] and took < 3.5
+    else:
+        assert first is None and codes == [0, 0] and took >= 3.5
+
+
+def test_a_rank_that_exits_badly_stops_the_others_after_the_grace(tmp_path, monkeypatch):
+    """Rank 1 ends (out of memory), rank 0 waits in a collective that never fails (NCCL's):
+    the H200 hang. The supervisor looked only at rank 0 while it ran, never saw rank 1 end;
+    failed before the fix (codes [0, 17]: rank 0 ran its 8 s)."""
+    from qplan.runner import supervise
+
+    monkeypatch.setattr(supervise, "RANK_GRACE_S", 0.2)
+    procs = [_rank_stand_in(tmp_path, "import time; time.sleep(8)"),
+             _rank_stand_in(tmp_path, "import sys; sys.exit(17)")]
+    codes, first = supervise.wait_ranks(procs)
+    assert first == 1 and codes == [-9, 17]

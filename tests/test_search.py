@@ -290,6 +290,19 @@ def test_alternatives_really_fit(llama8b):
             assert s < 4096 and try_suggest(llama8b, custom_gpu(6), seq_len=s) is not None
 
 
+def test_the_shorter_sequence_offered_is_the_longest_that_fits():
+    """Not only a halving: qwen2.5-32b at 20,480 tokens on a 24 GB card was offered 10,240
+    when 16,384 fits. The offer is a multiple of 256 that fits; 256 more does not."""
+    m, g = api.get_model("qwen2.5-32b"), gpu("rtx-4090")
+    with pytest.raises(DoesNotFitError) as e:
+        api.suggest(m, g, seq_len=20480)
+    (alt,) = [a for a in e.value.alternatives if a.startswith("shorter sequence: --seq ")]
+    s = int(alt.split("--seq ")[1].split()[0])
+    assert s % 256 == 0 and 10240 < s < 20480
+    assert try_suggest(m, g, seq_len=s) is not None
+    assert try_suggest(m, g, seq_len=s + 256) is None
+
+
 # ---- longest sequence ----------------------------------------------------------------
 @pytest.mark.parametrize("mname,gname", [("llama-3.1-8b", "rtx-4090"), ("llama-3.1-8b", "rtx-4060"),
                                          ("llama-3.2-1b", "rtx-4060"), ("mistral-7b", "h100-sxm")])

@@ -315,6 +315,20 @@ def _profiled(fn, *args):
         Path(path).write_text(out.getvalue())
 
 
+def _dump_stacks_when_stuck(spec) -> None:
+    """``QPLAN_HANG_DUMP_S=N``: every N seconds, each thread's Python stack into
+    ``stacks-rank{R}.txt`` in the attempt's folder (a hang between ranks, found on the GPU
+    machine after the fact; faulthandler writes from a C thread, so a stuck collective or a
+    held lock does not stop it)."""
+    every = float(os.environ.get("QPLAN_HANG_DUMP_S") or 0)
+    if every <= 0:
+        return
+    import faulthandler
+
+    f = open(Path(spec.attempt_dir) / f"stacks-rank{rank()}.txt", "w")  # noqa: SIM115 - kept open
+    faulthandler.dump_traceback_later(every, repeat=True, file=f)
+
+
 def main(argv: list[str] | None = None) -> int:
     from qplan.runner.supervise import watch_parent
 
@@ -328,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     stop = StopFlag()
     stop.install()
+    _dump_stacks_when_stuck(spec)
     t0 = time.time()
     try:
         result = _profiled(train, spec, stop)
@@ -339,7 +354,15 @@ def main(argv: list[str] | None = None) -> int:
         result = _failed(spec, e)
     result = dataclasses.replace(result, wall_s=round(time.time() - t0, 2))
     P.write(Path(spec.attempt_dir) / "result.json", result)
-    return EXIT_CODES.get(result.status, EXIT_ERROR)
+    code = EXIT_CODES.get(result.status, EXIT_ERROR)
+    if result.status != OK and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one of several ranks that ended badly: leave now. The interpreter's teardown
+        # (the process group's, CUDA's) could wait for collectives the peers will never
+        # join; the supervisor stops the peers (supervise.wait_ranks).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -324,11 +324,11 @@ def _attempt_ranks(r: Run, spec: P.AttemptSpec, adir: Path, env: dict[str, str])
         specs.append(d / "attempt.json")
     procs = supervise.start_ranks(specs, env, (r.lock.fd,), stdout=r.child_stdout)
     r.lock.update(child_pid=procs[0].pid)
-    codes, first = supervise.wait_ranks(procs)
+    dirs = [adir] + [adir / f"rank{k}" for k in range(1, spec.world_size)]
+    codes, first = supervise.wait_ranks(procs, [d / "result.json" for d in dirs])
     if first is None:
         return 0
     # the rank that ran out of memory, not a peer that then saw the collective break
-    dirs = [adir] + [adir / f"rank{k}" for k in range(1, spec.world_size)]
     oom = [k for k, d in enumerate(dirs) if _status(d / "result.json") == OOM]
     first = oom[0] if oom else first
     other = adir / f"rank{first}" / "result.json"

@@ -99,11 +99,31 @@ def free_port() -> int:
 RANK_GRACE_S = 5.0
 
 
-def wait_ranks(procs: list[subprocess.Popen]) -> tuple[list[int], int | None]:
+def _result_says_failed(path: Path | None) -> bool:
+    """Whether a rank's result file (written atomically, just before it exits) says it
+    ended other than well. Read without the protocol module: no torch, no dataclasses."""
+    import json
+
+    if path is None or not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") != "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def wait_ranks(procs: list[subprocess.Popen],
+               results: list[Path] | None = None) -> tuple[list[int], int | None]:
     """Wait for every rank. When one ends badly the others are given RANK_GRACE_S to end
-    (they wait for it in a collective), then killed. Returns the exit codes and the rank
-    that ended badly first (None when all ended well). Ctrl-C and SIGTERM reach every rank
-    (same process group; SIGTERM is forwarded)."""
+    (they wait for it in a collective), then killed. A rank ends badly when its process
+    exits non-zero or, with ``results`` (each rank's result file), as soon as its result
+    says so, should its process linger (its teardown could wait on collectives its peers
+    will never join). Found on two H200s: rank 1 wrote its out-of-memory result and ended,
+    rank 0 waited in an NCCL collective (which, unlike gloo's, does not fail when a peer
+    goes), and this loop never looked at rank 1 again: both runs hung. Returns the exit
+    codes (a rank killed here: -9, whatever its result says) and the rank that ended badly
+    first (None when all ended well). Ctrl-C and SIGTERM reach every rank (same process
+    group; SIGTERM is forwarded)."""
     import time
 
     def on_term(signum, _frame):
@@ -118,10 +138,14 @@ def wait_ranks(procs: list[subprocess.Popen]) -> tuple[list[int], int | None]:
     first: int | None = None
     try:
         deadline = None
-        while any(q.poll() is None for q in procs):
+        # poll every rank each turn: any() over the polls stopped at the first rank still
+        # running and never saw a later one's end (the H200 hang above)
+        while [q.poll() for q in procs].count(None):
             if first is None:
                 first = next((k for k, q in enumerate(procs)
-                              if q.returncode not in (None, 0)), None)
+                              if q.returncode not in (None, 0)
+                              or (q.returncode is None and results is not None
+                                  and _result_says_failed(results[k]))), None)
                 if first is not None:
                     deadline = time.monotonic() + RANK_GRACE_S
             if deadline is not None and time.monotonic() > deadline:
