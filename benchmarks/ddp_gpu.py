@@ -125,6 +125,7 @@ def _run(plan: Path, mdir: Path, data: Path, out: Path, steps: int, card: str, c
     return {"status": r.get("status"), "ended": a.get("ended"), "error": a.get("error"),
             "attempts": [{k: x.get(k) for k in ("ended", "resumed_from", "error")}
                          for x in r.get("attempts") or []],
+            "ran_settings": a.get("settings"),  # the last attempt's (a re-plan changes them)
             "estimated_peak_gib": a.get("estimated_peak_gib"), "measured": a.get("measured"),
             "rank_measured": a.get("rank_measured"),
             "steady_tokens_per_s": a.get("steady_tokens_per_s"),

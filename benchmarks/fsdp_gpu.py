@@ -40,9 +40,12 @@ CASES = [
     ("qwen3-4b", "h200", 2048, ("--strategy", "fsdp", "--batch", "4"), 8,
      "qwen3-4b h200 x2 fsdp 2k b4"),
     ("llama-3.1-8b", "rtx-3080", 2048, ("--strategy", "fsdp"), 6, "llama-3.1-8b 3080 x2 fsdp 2k"),
-    # the issue's case: no whole copy fits one 24 GB card at 12k tokens (DDP needs more), the
-    # search shards it; a 65 GB random-weight checkpoint and ~90 GB of host memory a process
+    # a 32B model on 2 x 24 GB: no data-parallel copy fits at 12k tokens, the search shards
+    # it; a 65 GB random-weight checkpoint, ~20 GiB of host memory a process to load
     ("qwen2.5-32b", "rtx-4090", 12288, ("--target-batch", "2"), 3, "qwen2.5-32b 4090 x2 12k"),
+    # the 12k case fits one card alone (22.0 GiB; it shards for 2 only because a data-parallel
+    # copy needs NCCL's buffers too): at 20k one card refuses, 2 sharded fit (20.8 GiB each)
+    ("qwen2.5-32b", "rtx-4090", 20480, ("--target-batch", "2"), 3, "qwen2.5-32b 4090 x2 20k"),
 ]
 # Checkpoints and recovery under FSDP: a checkpoint every 2 steps, an out-of-memory error
 # injected on rank 1 at step 4 of attempt 1; the next attempt resumes from step 2's (sharded
@@ -69,15 +72,16 @@ def report(paths: list[Path]) -> str:
              "each case `qplan suggest --gpus 2 ... --save`, then `qplan run --plan`, consumer "
              "cards as `--simulate-gpu`, random-weight models of the catalogue shapes).", "",
              "| case | plan | estimate GiB per GPU (then) | measured GiB (nvidia-smi) rank 0 / "
-             "rank 1 | error | estimate now (+ band) | error now | predicted tok/s | measured "
-             "steady tok/s | error | host GiB a process (RSS) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rank 1 | error | estimate now (+ band) | error now | predicted tok/s (then, for "
+             "the card) | measured steady tok/s (H200s) | predicted now (H200s) | error now | "
+             "host GiB a process (RSS) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
         for line in p.read_text().splitlines():
             r = json.loads(line)
             if r.get("case") != "pair":
                 continue
-            cfg = r.get("plan") or {}
+            cfg = ran_settings(r)
             plan = (f"{cfg.get('strategy', 'ddp')} b{cfg.get('batch_size')}x{cfg.get('grad_accum')}"
                     f"{' ckpt' if cfg.get('grad_ckpt') else ''} {cfg.get('loss', '')}"
                     if cfg else r.get("status", ""))
@@ -93,18 +97,56 @@ def report(paths: list[Path]) -> str:
             worst = max(peaks) if peaks else None
             err = f"{(est - worst) / worst:+.1%}" if est and worst else ""
             pred, meas = r.get("predicted_tokens_per_s"), r.get("steady_tokens_per_s")
-            serr = f"{(pred - meas) / meas:+.1%}" if pred and meas else ""
             status = "" if r.get("status") in ("ok", "completed") else (
                 " (stopped after step 1: peak above the band)" if m else
                 f" ({r.get('status')}: {str(r.get('error'))[:80]})")
+            attempts = r.get("attempts") or []
+            if len(attempts) > 1:
+                status += (f" ({len(attempts)} attempts: " + "; ".join(
+                    f"{a.get('ended')}" + (f" from step {a['resumed_from']}"
+                                           if a.get("resumed_from") else "")
+                    for a in attempts) + "; the last attempt's figures)")
             now, nerr = _now(r)
             if now and worst:
                 nerr = f"{(now[0] - worst) / worst:+.1%}"
+            speed = speed_now(r)
+            serr = f"{(speed - meas) / meas:+.1%}" if speed and meas else ""
             lines.append(f"| {r['name']}{status} | {plan} | {est} | "
                          f"{' / '.join(f'{x:.2f}' for x in peaks)} | {err} | "
                          f"{f'{now[0]:.2f} (+{now[1]:.2f})' if now else ''} | {nerr} | {pred} | "
-                         f"{meas} | {serr} | {_rss(r)} |")
+                         f"{meas} | {f'{speed:,.0f}' if speed and meas else ''} | {serr} | "
+                         f"{_rss(r)} |")
     return "\n".join(lines + [""] + NOTES) + "\n"
+
+
+# the settings the last attempt ran, for records made before the benchmark kept them
+# (ran_settings): from that run's log ("next attempt: per-device batch 2 -> 1, accumulation
+# 8 -> 16")
+RAN = {"llama-3.2-1b h200 x2 fsdp resume": dict(batch_size=1, grad_accum=16)}
+
+
+def ran_settings(r: dict) -> dict:
+    """The settings of the row's last attempt (the plan's unless a re-plan changed them)."""
+    if r.get("ran_settings"):
+        return r["ran_settings"]
+    cfg = dict(r.get("plan") or {})
+    if cfg and len(r.get("attempts") or []) > 1:
+        cfg.update(RAN[r["name"]])
+    return cfg
+
+
+def speed_now(r: dict) -> float | None:
+    """This commit's predicted tokens/s of the row's last attempt on the GPUs it ran on (two
+    H200s over NVLink), or None."""
+    from qplan import api
+    from qplan.planner.config import TrainConfig
+
+    cfg = ran_settings(r)
+    if not cfg:
+        return None
+    e = api.estimate(api.get_model(r["model"]), api.get_gpu("h200"), TrainConfig.from_dict(cfg),
+                     use_calibration=False)
+    return e.speed.tokens_per_s
 
 
 def _rss(r: dict) -> str:
@@ -122,7 +164,7 @@ def _now(r: dict):
     if not r.get("plan"):
         return None, ""
     e = api.estimate(api.get_model(r["model"]), api.get_gpu(r["card"]),
-                     TrainConfig.from_dict(r["plan"]), use_calibration=False)
+                     TrainConfig.from_dict(ran_settings(r)), use_calibration=False)
     return (round(e.memory.peak_gib, 2), round(e.memory.band_gib, 2)), ""
 
 
@@ -144,15 +186,34 @@ NOTES = """Notes:
   adamw_torch); the fused loss read the sharded output weight (now gathered first, and run
   inside the root's forward); the end-of-run adapter save, a gather, ran on rank 0 only;
   the re-plan ladder switched an FSDP plan to the paged 8-bit optimizer.
-- Speed: the prediction was 45% and 30% above the measured steady speed (llama-3.2-1b b4:
-  80,867 predicted, 55,828 measured; qwen3-4b b4: 24,871 vs 19,164) on NVLink, where the
-  gathers' bytes are small: the per-block collectives and FSDP2's hooks cost time the speed
-  model does not have. Not fitted (two points); FSDP plans say so.
-- Host memory: each process loads the 16-bit checkpoint and quantizes it on the host; its
-  resident memory peaked at about 1.4x the checkpoint plus 0.8 GiB (4.0, 11.0, 21.2 GiB for
-  2.3, 7.5, 15.0 GiB checkpoints; resident memory includes the file's cached pages, which the
-  system can reclaim). Plans say so (`calibration.FSDP_LOAD_RSS_PER_CHECKPOINT`): for a 70B
-  model that is a large host; loading pre-quantized weights would need far less (not built).
+- Speed: the speed model's predictions then (for the card planned for: the consumer-card
+  rows are not comparable with the H200s' speed) and now for the H200s where each ran. The
+  first two runs ran 45% and 30% slower than the FSDP-less prediction; a factor on the
+  micro-batch (1.37) fitted to them was 26% slow for the 32B run at 12k tokens (2% slower
+  than FSDP-less): FSDP's cost is fixed per block and micro-batch (hooks, the gathers'
+  launches and copies), 5.6 ms (`calibration.FSDP_BLOCK_S`, least squares over the three;
+  leave-one-out +1.6%, -1.1%, -1.7%). The batch-1 1k row (the resume case's second attempt)
+  is 35% slower than predicted: at batch 1 on the H200 one-GPU runs of that model measured
+  4,709 to 8,603 tok/s in different sessions (issue 13's host-bound regime).
+- Host memory: each process loads the 16-bit checkpoint and quantizes it on the host. The
+  resident sizes in the table count the checkpoint file's pages, which the processes share:
+  for qwen2.5-32b `free` (`raw/h200x2_fsdp6_host_memory.txt`, every 10 s) showed 39 GiB used
+  by the two processes at the peak (each its 17.9 GiB 4-bit copy and 1.6 GiB more) and the
+  61 GiB checkpoint once in the page cache, while each process's resident size was 77.8 GiB.
+  Plans' loading note: the 4-bit copy + 2 GiB a process, plus the file's pages
+  (`calibration.FSDP_LOAD_HOST_EXTRA_GIB`). Loading took about 3.5 minutes for the 32B model
+  (the whole run 254 s, 3 steps of 24,576 tokens at ~11 s).
+- qwen2.5-32b at 12k tokens: the search shards it on 2 x rtx-4090 because a data-parallel
+  copy does not fit with NCCL's buffers, but one GPU alone would run it (22.0 GiB, the paged
+  8-bit optimizer): not yet the issue's "does not fit one card" case. That is 20k tokens
+  (one card refuses; 2 sharded: 20.8 GiB per GPU), the case `qwen2.5-32b 4090 x2 20k` for the
+  next GPU session.
+- The resume case: the first try (fsdp5) ran with `QPLAN_HANG_DUMP_S=30` (faulthandler
+  dumping every thread's stack every 30 s) and ended in a segmentation fault before step 4,
+  cause not found; the repeat without it (fsdp5b) ran as planned. The call before those
+  hung: rank 1 wrote its out-of-memory result and ended, rank 0 waited in an NCCL
+  collective, and the supervisor never looked at rank 1 again (`any()` over the polls
+  stopped at rank 0): fixed, with a test.
 - Software on the GPU machine: torch 2.11, transformers 5.24, accelerate 1.15 (FSDP2 through
   `fsdp_config={"version": 2}`), peft 0.21.2, bitsandbytes 0.50.2 (4-bit values stored as
   bf16, `bnb_4bit_quant_storage`).

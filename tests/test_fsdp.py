@@ -127,7 +127,7 @@ def test_speed_has_the_gathers_and_fsdp_overhead(card):
     ddp = estimate_speed(m, TrainConfig(**BASE, gpus=2), g)
     fs = estimate_speed(m, _fsdp(2), g)
     assert "all-gather (FSDP)" in dict(fs.terms) and "all-reduce" not in dict(fs.terms)
-    assert fs.tokens_per_s < ddp.tokens_per_s  # FSDP_TIME_FACTOR: slower than DDP
+    assert fs.tokens_per_s < ddp.tokens_per_s  # fsdp_block_s: slower than DDP
     g2, g4 = fsdp_gather_s(m, _fsdp(2), g), fsdp_gather_s(m, _fsdp(4, grad_accum=8), g)
     assert 0 < g2 < g4  # each GPU receives (n-1)/n of every gathered unit
     assert fsdp_gather_s(m, TrainConfig(**BASE, gpus=2), g) == 0
@@ -328,7 +328,7 @@ def test_plans_say_what_loading_asks_of_the_host():
     e = M.estimate_memory(m, _fsdp(2), api.get_gpu("a100-40gb-sxm"))
     note = [n for n in e.notes if n.startswith("loading:")]
     assert note and "each of the 2 processes reads the 131 GiB 16-bit checkpoint" in note[0]
-    assert "~185 GiB each" in note[0]
+    assert "~78 GiB of host memory for the 2" in note[0]  # 2 x (36.8 + 2)
     assert not [n for n in M.estimate_memory(m, TrainConfig(**BASE, gpus=2), None).notes
                 if n.startswith("loading:")]
 
@@ -391,3 +391,47 @@ def test_fsdp2_trains_the_4bit_lora_model_on_cpu(model_dir, tmp_path):
     a, b, gdiff, n = line.split()[1:]
     assert float(a) == pytest.approx(float(b), rel=1e-5) and float(gdiff) < 1e-5
     assert int(n) > 0
+
+
+def test_loading_note_matches_the_host_memory_measured_for_a_32b_model():
+    """qwen2.5-32b, 2 processes on two H200s: 39 GiB of host memory used at the peak (each
+    its 17.9 GiB 4-bit copy), the 61 GiB checkpoint once in the page cache
+    (benchmarks/results/raw/h200x2_fsdp6_host_memory.txt). The note's figure is that, within
+    10%, and not the 2 x 78 GiB resident sizes (they count the shared file pages twice)."""
+    import re
+
+    from qplan.planner.memory import fsdp_loading_note
+
+    m = api.get_model("qwen2.5-32b")
+    note = fsdp_loading_note(m, TrainConfig(**{**BASE, "gpus": 2, "strategy": "fsdp",
+                                              "optim": "adamw_torch"}))
+    need = float(re.search(r"~(\d+) GiB of host memory for the 2", note).group(1))
+    assert abs(need - 39) / 39 < 0.10
+    assert "61 GiB 16-bit checkpoint" in note and "17.9 GiB 4-bit copy" in note
+
+
+def test_fsdp_speed_holds_on_the_measured_runs_off_batch_1():
+    """This commit's speed model against the FSDP runs on two H200s (benchmarks/results/raw):
+    the steady tokens/s of every run that trained more than one token-row at a time or a
+    long sequence (1B 2k x 4, 4B 2k x 4, 32B 12k x 1) within 5%. The batch-1 1k run (the
+    resume case) is excluded: at batch 1 on the H200 even one-GPU runs of that model
+    measured 4,709 to 8,603 tok/s in different sessions (issue 13); it is in the report."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import fsdp_gpu
+
+    seen = 0
+    for p in fsdp_gpu.report_paths():
+        for line in p.read_text().splitlines():
+            r = json.loads(line)
+            cfg = fsdp_gpu.ran_settings(r)
+            if not r.get("steady_tokens_per_s") or cfg["batch_size"] * cfg["seq_len"] < 4096:
+                continue
+            pred = fsdp_gpu.speed_now(r)
+            assert abs(pred - r["steady_tokens_per_s"]) / r["steady_tokens_per_s"] < 0.05, r["name"]
+            seen += 1
+    assert seen >= 3

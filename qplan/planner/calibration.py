@@ -123,17 +123,20 @@ FSDP_GATHERED_BLOCKS = 4
 # 5.6% above its estimate (8.82 GiB vs 8.33), qwen3-4b and llama-3.2-1b on whole H200s 2-5%
 # below (benchmarks/results/fsdp_gpu.md); four runs, so the band covers the worst twice over.
 BAND_FSDP = 0.06
-# FSDP's micro-batch time over the same plan's without it: two FSDP runs on 2 H200s (NVLink,
-# where the gathered bytes take little time) ran 1.45x (llama-3.2-1b 2k b4) and 1.30x
-# (qwen3-4b 2k b4) the predicted time: the per-block collectives and FSDP2's hooks.
-# In-sample, two points (benchmarks/results/fsdp_gpu.md).
-FSDP_TIME_FACTOR = 1.37
-# FSDP runs load and quantize the model on the host in every process: resident memory of a
-# process peaked at 4.0, 11.0 and 21.2 GiB for llama-3.2-1b, qwen3-4b and llama-3.1-8b (16-bit
-# checkpoints of 2.3, 7.5 and 15.0 GiB): about 1.4x the checkpoint plus 0.8 GiB. Resident
-# memory counts the checkpoint file's cached pages, which the system can reclaim.
-FSDP_LOAD_RSS_PER_CHECKPOINT = 1.4
-FSDP_LOAD_RSS_BASE_GIB = 0.8
+# FSDP's time per decoder block per micro-batch over the same plan's without it (FSDP2's
+# hooks, the gathers' launches and copies; speed.fsdp_block_s): three runs on 2 H200s over
+# NVLink ran 5.7 ms (llama-3.2-1b 2k b4), 5.5 ms (qwen3-4b 2k b4) and 2.7 ms (qwen2.5-32b 12k
+# b1, checkpointed) a block above the FSDP-less prediction; least squares in relative speed:
+# 5.6 ms; leave-one-out speed errors +1.6%, -1.1%, -1.7% (benchmarks/results/fsdp_gpu.md).
+# A factor on the micro-batch (1.37, fitted to the first two) was 26% slow for the 32B run.
+FSDP_BLOCK_S = 0.0056
+# FSDP runs load and quantize the model on the host in every process. qwen2.5-32b on two
+# H200s (benchmarks/results/raw/h200x2_fsdp6_host_memory.txt, `free` every 10 s): the two
+# processes used 39 GiB of host memory at the peak (2 x its 17.9 GiB 4-bit copy + 1.6 GiB
+# each), the 61 GiB checkpoint sat once in the page cache (65 GiB), shared by both; each
+# process's resident size (77.8 GiB) counts those shared pages. Per process: the 4-bit copy
+# plus this much (1.6 measured; rounded up for peaks between the samples):
+FSDP_LOAD_HOST_EXTRA_GIB = 2.0
 # Share of the link rate (GpuProfile.link) a ring all-reduce's bus bandwidth reaches, by
 # kind of link; and a fixed cost per all-reduce call (one per DDP bucket). NVLink: 287 GB/s
 # of 450 for 170 MiB of float32 on two H200s (0.47 at 16 MiB). PCIe: assumed (consumer cards

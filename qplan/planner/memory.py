@@ -221,15 +221,18 @@ def collective_buffers(cfg: TrainConfig) -> int:
 
 def fsdp_loading_note(model: ModelProfile, cfg: TrainConfig) -> str:
     """What loading an FSDP plan asks of the host: every process reads the 16-bit checkpoint
-    and quantizes it in host memory before the GPUs receive their shards."""
+    and quantizes it in host memory before the GPUs receive their shards; each holds its own
+    4-bit copy (:data:`calibration.FSDP_LOAD_HOST_EXTRA_GIB` more), the file's pages are
+    shared (measured for a 32B model on two H200s)."""
     ckpt = 2 * model.total_params / GIB
     four = (quantized_weights(model, cfg.with_(strategy="ddp", gpus=1))
             + model.unquantized_params * 2) / GIB
-    rss = C.FSDP_LOAD_RSS_PER_CHECKPOINT * ckpt + C.FSDP_LOAD_RSS_BASE_GIB
+    need = cfg.gpus * (four + C.FSDP_LOAD_HOST_EXTRA_GIB)
     return (f"loading: each of the {cfg.gpus} processes reads the {ckpt:.0f} GiB 16-bit checkpoint "
-            f"and quantizes it on the host ({four:.1f} GiB in 4 bit) before its GPU gets its "
-            f"shard; host memory use peaked at 1.4x the checkpoint a process in the measured "
-            f"runs (~{rss:.0f} GiB each here, partly the file's cached pages)")
+            f"and quantizes it on the host into its own {four:.1f} GiB 4-bit copy before its "
+            f"GPU gets its shard: ~{need:.0f} GiB of host memory for the {cfg.gpus}, plus the "
+            f"checkpoint's file pages (shared; with less memory the system evicts them and "
+            f"loading reads the file again, slower)")
 
 
 def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
