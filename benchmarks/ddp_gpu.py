@@ -260,9 +260,17 @@ NOTES = [
     "- Re-measured after that change and the host-side bookkeeping (`raw/h200_speed_runner1.jsonl`, "
     "the same 1-GPU llama-3.2-1b 1024x1 plan, on the nvidia-h200-x2 machine): 4,709 tokens/s "
     "steady (predicted 7,669; harness 8,601): inside the earlier runs' 4,377-5,421, so neither "
-    "change closed the gap between `qplan run` and the harness at batch 1. Still open: where "
-    "the runner's ~100 ms a micro-batch more than the harness goes (`QPLAN_SAMPLE_INTERVAL_S` "
-    "lets a run sample less often, for an A/B of the sampler; not yet run).", ""]
+    "change closed the gap between `qplan run` and the harness at batch 1.",
+    "- The sampler A/B, next session (`raw/h200_sampler_ab1.jsonl`, `raw/h200_sampler_ab2.jsonl`: "
+    "the same plan, one `qplan run` after another, `QPLAN_SAMPLE_INTERVAL_S` 2.0 or the default "
+    "0.02 s; `raw/h200_harness_ab.jsonl`: the speed grid's harness, the same settings, 2 fresh "
+    "processes between them): first call 6,816 (2.0 s), 6,913 (0.02 s), harness 5,933 and 5,501, "
+    "7,648 (2.0 s); second call 8,603 (0.02 s), 8,154 (2.0 s) tokens/s, predicted 7,669. The "
+    "sampler's period makes no difference the spread does not swamp, `qplan run` was not slower "
+    "than the harness, and the earlier sessions' 4,377-5,421 did not recur: at batch 1 on the "
+    "H200 (host-bound) a run's speed varies by +-15% from process to process and machine to "
+    "machine (the grid's repeatability study found the same), so the gap was that variation, "
+    "not the runner.", ""]
 
 
 def main() -> int:
