@@ -435,3 +435,22 @@ def test_fsdp_speed_holds_on_the_measured_runs_off_batch_1():
             assert abs(pred - r["steady_tokens_per_s"]) / r["steady_tokens_per_s"] < 0.05, r["name"]
             seen += 1
     assert seen >= 3
+
+
+def test_the_offload_probe_script_runs_its_cpu_mode(model_dir, tmp_path):
+    """benchmarks/fsdp_offload_probe.py (issue 12's CPU offload, for the GPU machine): its
+    CPU mode (one gloo process, no offload) loads, shards and trains the tiny model, so the
+    GPU call spends its minutes on the question, not on the script."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "probe.jsonl"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_offload_probe.py"
+    p = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--out", str(out),
+                        "--cpu", "--seq", "32", "--steps", "2", "--port", "29617"],
+                       capture_output=True, text=True, timeout=300)
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert p.returncode == 0 and rec["status"] == "ok", (rec.get("traceback"), p.stderr[-2000:])
+    assert len(rec["step_s"]) == 2 and rec["offload"] is False
