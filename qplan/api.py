@@ -351,6 +351,7 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     """Nearest plans that do fit: a shorter sequence, a smaller model, more of these cards
     (sharded), a bigger card."""
     out: list[str] = []
+
     def fits(s: int) -> Plan | None:
         try:
             return suggest(model, gpu, seq_len=s, target_effective_batch=target, fixed=fixed,

@@ -319,7 +319,8 @@ def _dump_stacks_when_stuck(spec) -> None:
     """``QPLAN_HANG_DUMP_S=N``: every N seconds, each thread's Python stack into
     ``stacks-rank{R}.txt`` in the attempt's folder (a hang between ranks, found on the GPU
     machine after the fact; faulthandler writes from a C thread, so a stuck collective or a
-    held lock does not stop it)."""
+    held lock does not stop it). Diagnostics only: it reads other threads' states without
+    their locks, and one two-GPU run with it on ended in a segmentation fault."""
     every = float(os.environ.get("QPLAN_HANG_DUMP_S") or 0)
     if every <= 0:
         return
