@@ -36,7 +36,11 @@ def get_model(name: str, *, pm=None) -> ModelProfile:
 
 
 def get_gpu(name: str, *, pm=None) -> GpuProfile:
-    """A catalogue GPU name or alias, or a memory size (``8GB``, ``8``, ``24GiB``)."""
+    """A catalogue GPU name or alias, or a memory size (``8GB``, ``8``, ``24GiB``). A name or
+    alias comes first: ``4090`` is the RTX 4090 (an alias), not a card of 4,090 GiB."""
+    found = catalog(pm).gpus.find(str(name))
+    if found is not None:
+        return found
     m = _SIZE.match(str(name))
     if m:
         gib = float(m.group(1))
@@ -44,6 +48,44 @@ def get_gpu(name: str, *, pm=None) -> GpuProfile:
             raise BadInputError(f"GPU memory {name!r} is out of range; give GiB like 8, 24GB")
         return custom_gpu(gib)
     return catalog(pm).gpus.get(name)
+
+
+_COUNT_AFTER = re.compile(r"^\s*(.+?)\s*[x×*]\s*(\d+)\s*$", re.I)
+_COUNT_BEFORE = re.compile(r"^\s*(\d+)\s*[x×*]\s*(.+?)\s*$", re.I)
+
+
+def split_gpu_count(name: str, *, pm=None) -> tuple[str, int | None]:
+    """``rtx-4090 x2``, ``rtx-4090x2``, ``2x rtx-4090``, ``2 x 24GB``: the card and how many
+    (None when ``name`` names one card). A name the catalogue (or a size) resolves whole is
+    one card, whatever it ends with. BadInputError for a count outside 1..64."""
+    def resolves(n: str) -> bool:
+        try:
+            get_gpu(n, pm=pm)
+        except BadInputError:
+            return False
+        return True
+
+    if resolves(name):
+        return name, None
+    for rx, card_at, count_at in ((_COUNT_AFTER, 1, 2), (_COUNT_BEFORE, 2, 1)):
+        m = rx.match(str(name))
+        if m and resolves(m.group(card_at)):
+            n = int(m.group(count_at))
+            if not 1 <= n <= 64:
+                raise BadInputError(f"--gpu {name!r}: {n} GPUs is outside 1..64")
+            return m.group(card_at), n
+    return name, None
+
+
+def gpus_from_card(fixed: dict[str, Any], count: int | None, card: str) -> None:
+    """Put the count of ``--gpu CARD xN`` into ``fixed["gpus"]``; BadInputError when
+    ``--gpus`` says another number."""
+    if count is None:
+        return
+    if fixed.get("gpus") not in (None, count):
+        raise BadInputError(f"--gpu {card!r} names {count} GPUs but --gpus says "
+                            f"{fixed['gpus']}; give the number once")
+    fixed["gpus"] = count
 
 
 def model_ref(name: str, model: ModelProfile, *, pm=None) -> str:

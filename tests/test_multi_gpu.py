@@ -202,3 +202,56 @@ def test_exported_trl_script_puts_each_process_on_its_own_gpu(tmp_path, export_t
     text = (tmp_path / "t.py").read_text()
     assert 'device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else None' in text
     assert 'device_map={"": 0}' not in text
+
+
+@pytest.mark.parametrize("spelled", ["rtx-4090 x2", "rtx-4090x2", "RTX-4090 X2", "2x rtx-4090",
+                                     "2 x rtx-4090", "rtx-4090*2", "rtx-4090 \u00d7 2"])
+def test_gpu_with_a_count_is_that_many_cards(spelled):
+    """The issue's `--gpu rtx-4090 x2`: the same plan as --gpu rtx-4090 --gpus 2."""
+    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", spelled, "--json"])
+    want = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090",
+                                    "--gpus", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    got, exp = json.loads(r.output), json.loads(want.output)
+    assert got["settings"]["gpus"] == 2 and got["settings"] == exp["settings"]
+    assert got["gpu"] == exp["gpu"] == "rtx-4090"
+
+
+def test_gpu_count_and_gpus_must_agree_and_estimate_takes_the_count():
+    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090 x2",
+                                 "--gpus", "4"])
+    assert r.exit_code == 2 and "names 2 GPUs but --gpus says 4" in r.output
+    ok = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090 x2",
+                                  "--gpus", "2", "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["settings"]["gpus"] == 2
+    e = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.1-8b", "--gpu", "2x 24GB",
+                                 "--grad-accum", "4", "--json"])
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.output)["settings"]["gpus"] == 2
+    bad = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-8b", "--gpu", "rtx-4090 x65"])
+    assert bad.exit_code == 2 and "outside 1..64" in bad.output
+
+
+def test_commands_for_one_card_refuse_a_count(tmp_path):
+    r = CliRunner().invoke(cli, ["export", "--model", "llama-3.1-8b", "--gpu", "rtx-4090 x2",
+                                 "--format", "trl", "--output", str(tmp_path / "t.py")])
+    assert r.exit_code == 2 and "names 2 cards; this command takes one (--gpu rtx-4090)" in r.output
+
+
+def test_every_catalogue_gpu_name_is_one_card():
+    """No catalogue name or alias is read as a card and a count (an ``x2``-like ending)."""
+    cat = api.catalog()
+    for g in cat.gpus:
+        for name in (g.name, *getattr(g, "aliases", ())):
+            assert api.split_gpu_count(name) == (name, None)
+    assert api.split_gpu_count("24GB") == ("24GB", None)
+
+
+@pytest.mark.parametrize("alias,card", [("4090", "rtx-4090"), ("3090", "rtx-3090"),
+                                        ("2060", "rtx-2060")])
+def test_a_numeric_alias_is_the_card_not_a_memory_size(alias, card):
+    """`--gpu 4090` planned for a custom card of 4,090 GiB (the size was read before the
+    catalogue's aliases): a silent wrong answer. Now the card; `4090GB` is still a size."""
+    assert api.get_gpu(alias).name == card
+    assert api.get_gpu(f"{alias}GB").memory_gib == float(alias)
+    assert api.split_gpu_count(f"{alias} x2") == (alias, 2)

@@ -151,6 +151,7 @@ class Target:
     host_ram_bytes: int | None
     notes: list[str]
     reserve_bytes: int | None = None  # --reserve; None: by the card's kind
+    count: int | None = None  # --gpu CARD xN: N (None: one card named)
 
 
 NO_GPU_MESSAGE = (
@@ -159,12 +160,24 @@ NO_GPU_MESSAGE = (
     "catalogue.")
 
 
-def resolve_target(gpu: str | None, vram: float | None, reserve: float | None = None) -> Target:
+def resolve_target(gpu: str | None, vram: float | None, reserve: float | None = None,
+                   allow_count: bool = False) -> Target:
     """``--gpu`` / ``--vram`` / ``--reserve``, else the detected GPU 0; :class:`NoGpuError`
-    when neither."""
+    when neither. With ``allow_count``, ``--gpu rtx-4090 x2`` is 2 of that card
+    (``Target.count``); elsewhere a count is refused."""
     import dataclasses
 
-    t = _resolve_gpu(gpu, vram)
+    from qplan import api
+    from qplan.errors import BadInputError
+
+    count = None
+    if gpu is not None:
+        card, count = api.split_gpu_count(gpu)
+        if count is not None and not allow_count:
+            raise BadInputError(f"--gpu {gpu!r} names {count} cards; this command takes one "
+                                f"(--gpu {card})")
+        gpu = card
+    t = dataclasses.replace(_resolve_gpu(gpu, vram), count=count)
     if reserve is None:
         return t
     from qplan.profiles.gpus import GIB

@@ -104,7 +104,8 @@ SUGGEST_EXAMPLES = examples(
 @click.option("--model", "-m", required=True,
               help="catalogue name (qplan models), model directory, config.json or hub id")
 @click.option("--gpu", "-g", help="GPU to plan for: a catalogue name (qplan gpus) or a memory "
-              "size such as 8GB; default: the detected GPU 0")
+              "size such as 8GB, with a count for several ('rtx-4090 x2' = --gpus 2); "
+              "default: the detected GPU 0")
 @click.option("--vram", type=float, help="GiB of GPU memory to plan for (caps --gpu or the "
               "detected GPU; alone: a generic GPU of that size)")
 @reserve_option
@@ -152,7 +153,8 @@ def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | No
     if save is not None:
         writable_file(save, "--save")
     m = api.get_model(model)
-    t = resolve_target(gpu, vram, reserve)
+    t = resolve_target(gpu, vram, reserve, allow_count=True)
+    api.gpus_from_card(fixed, t.count, gpu)
     api.check_fixed(m, fixed)
     plan = _plan(m, t, fixed, model, seq, target_batch, longest, calibration)
     d = render.estimate_dict("suggest", m, t.gpu, plan.config, plan.memory, plan.speed,
@@ -298,7 +300,8 @@ def _fit_hint(m, gpu, cfg, capacity_bytes, reserve_bytes=None) -> str | None:
 @click.option("--model", "-m", required=True,
               help="catalogue name (qplan models), model directory, config.json or hub id")
 @click.option("--gpu", "-g", help="a catalogue name (qplan gpus) or a memory size such as "
-              "8GB; default: the detected GPU 0")
+              "8GB, with a count for several ('rtx-4090 x2' = --gpus 2); default: the "
+              "detected GPU 0")
 @click.option("--vram", type=float, help="GiB of GPU memory (caps --gpu or the detected GPU)")
 @reserve_option
 @knob_options(defaults=True)
@@ -322,7 +325,10 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
     if values.get("strategy") == "fsdp" and src("optim") == click.core.ParameterSource.DEFAULT:
         values["optim"] = FSDP_OPTIM  # the optimizer FSDP's sharded parameters take
     m = api.get_model(model)
-    t = resolve_target(gpu, vram, reserve)
+    t = resolve_target(gpu, vram, reserve, allow_count=True)
+    if src("gpus") == click.core.ParameterSource.DEFAULT:
+        values.pop("gpus", None)  # --gpu CARD xN may set it
+    api.gpus_from_card(values, t.count, gpu)
     values.setdefault("attn", default_attention(m, t.gpu))
     cfg = TrainConfig(**values)
     api.check_fixed(m, cfg.to_dict())
