@@ -180,3 +180,25 @@ def test_a_rank_that_exits_badly_stops_the_others_after_the_grace(tmp_path, monk
              _rank_stand_in(tmp_path, "import sys; sys.exit(17)")]
     codes, first = supervise.wait_ranks(procs)
     assert first == 1 and codes == [-9, 17]
+
+
+@pytest.mark.parametrize("strategy,hint", [
+    ("ddp", "the effective batch stays"),
+    ("fsdp", "plan again for 1 with `qplan suggest --gpus 1`")])
+def test_a_plan_for_more_gpus_than_visible_says_what_to_do(monkeypatch, strategy, hint):
+    """A plan saved for 2 GPUs, run where one is visible: the refusal names --gpus 1 and
+    what that changes (nothing for the effective batch of a data-parallel plan; a sharded
+    plan must be planned again)."""
+    import types
+
+    from qplan.errors import BadInputError
+    from qplan.planner import hardware
+    from qplan.runner import newrun
+
+    monkeypatch.setattr(hardware, "probe", lambda **_: types.SimpleNamespace(gpus=[object()]))
+    with pytest.raises(BadInputError) as e:
+        newrun._check_gpus(2, "cuda", strategy)
+    msg = str(e.value)
+    assert "1 GPU(s) are visible" in msg and "give --gpus 1 or fewer" in msg and hint in msg
+    newrun._check_gpus(1, "cuda", strategy)  # fits what is visible: no error
+    newrun._check_gpus(4, "cpu", strategy)  # CPU processes need no GPUs

@@ -215,7 +215,7 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             gpu_name=req.gpu, simulate_gpu=req.simulate_gpu, cpu=req.cpu, pm=pm,
                             use_calibration=req.use_calibration)
     cfg = setup.plan.config
-    _check_gpus(cfg.gpus, setup.device)
+    _check_gpus(cfg.gpus, setup.device, cfg.strategy)
     _check_strategy(cfg.strategy, setup.device)
     offline = _go_offline(model.local)
     if offline:
@@ -241,17 +241,21 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
     return run_dir, state, lock
 
 
-def _check_gpus(gpus: int, device: str) -> None:
+def _check_gpus(gpus: int, device: str, strategy: str = "ddp") -> None:
     """``gpus`` data-parallel processes on CUDA need as many visible GPUs (one each)."""
     if gpus > 1 and device == "cuda":
         from qplan.planner.hardware import probe
 
         n = len(probe(gpus=api.catalog().gpus).gpus)
         if n < gpus:
+            how = ("the effective batch stays: each GPU runs more of every step's "
+                   "micro-batches" if strategy != "fsdp" else
+                   f"this plan shards the model across {gpus} GPUs: plan again for {n} "
+                   f"with `qplan suggest --gpus {n}`")
             raise BadInputError(
                 f"--gpus {gpus} starts one training process per GPU, but {n} GPU(s) are "
-                f"visible (CUDA_VISIBLE_DEVICES); give --gpus {n} or fewer, or --cpu to run "
-                "the processes on the CPU")
+                f"visible (CUDA_VISIBLE_DEVICES); give --gpus {n} or fewer ({how}), or --cpu "
+                "to run the processes on the CPU")
 
 
 def _check_strategy(strategy: str, device: str) -> None:
