@@ -521,6 +521,14 @@ def next_safer_config(cfg: TrainConfig, *, allow_shorter_seq: bool = False
                                                    f"{chunk} tokens: its large tensors exist for one chunk"))
     if allow_shorter_seq and cfg.seq_len > 256:
         s = max(256, cfg.seq_len // 2)
-        return cfg.with_(seq_len=s), Reason(("seq_len",), f"sequence {cfg.seq_len} -> {s} "
-                                                          "(allowed by --allow-shorter-seq)")
+        if not cfg.mlp_chunk:
+            return cfg.with_(seq_len=s), Reason(("seq_len",), f"sequence {cfg.seq_len} -> {s} "
+                                                              "(allowed by --allow-shorter-seq)")
+        # a tiled MLP keeps its number of chunks: a sequence no longer than one chunk runs
+        # untiled, and that can need more than the longer tiled one (llama-3.1-405b: 512
+        # tokens in 2 chunks of 256, 206.66 GiB; 256 untiled, 206.87)
+        chunk = max(1, cfg.mlp_chunk * s // cfg.seq_len)
+        return (cfg.with_(seq_len=s, mlp_chunk=chunk),
+                Reason(("seq_len", "mlp_chunk"), f"sequence {cfg.seq_len} -> {s}, MLP chunks "
+                       f"{cfg.mlp_chunk} -> {chunk} tokens (allowed by --allow-shorter-seq)"))
     return None

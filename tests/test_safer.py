@@ -56,6 +56,7 @@ def step_name(a: TrainConfig, b: TrainConfig) -> str:
         frozenset({"recompute_norms"}): "lean_norms",
         frozenset({"mlp_chunk"}): "tile_mlp",
         frozenset({"seq_len"}): "shorter_seq",
+        frozenset({"seq_len", "mlp_chunk"}): "shorter_seq",  # a tiled MLP keeps its chunks
     }
     assert frozenset(changed) in names, f"unexpected change {sorted(changed)}"
     return names[frozenset(changed)]
@@ -100,8 +101,9 @@ def test_ladder_from_a_large_config_visits_every_rung_in_order(allow):
     assert (last.batch_size, last.grad_accum) == (1, 32)
     assert last.grad_ckpt and last.optim == "paged_adamw_8bit" and last.loss == "fused"
     assert last.prepare == "lean" and last.expandable_segments and last.offload_activations
-    assert last.recompute_norms and last.mlp_chunk == 1024  # 8192 tokens in 8 chunks
-    assert last.seq_len == (256 if allow else LARGE.seq_len)
+    assert last.recompute_norms
+    # 8192 tokens in 8 chunks; a shorter sequence keeps the 8 chunks (256 tokens: 32 each)
+    assert (last.seq_len, last.mlp_chunk) == ((256, 32) if allow else (LARGE.seq_len, 1024))
 
 
 @pytest.mark.parametrize("model", DENSE, ids=lambda m: m.name)
@@ -207,3 +209,21 @@ def test_shorter_sequence_only_when_allowed(cfg):
     assert [c for c, _ in with_[:len(without)]] == [c for c, _ in without]
     extra = with_[len(without):]
     assert all(c.seq_len < cfg.seq_len and c.seq_len >= 256 for c, _ in extra)
+
+
+
+def test_a_shorter_sequence_keeps_the_mlp_tiled():
+    """Found by the property above (hypothesis, llama-3.1-405b): 512 tokens tiled in 2 chunks
+    of 256 were estimated at 206.66 GiB, then the shorter-sequence rung made it 256 tokens in
+    one chunk (untiled), 206.87 GiB: more. The rung now keeps the number of chunks."""
+    from qplan import api
+
+    m = api.get_model("llama-3.1-405b")
+    cfg = TrainConfig(seq_len=512, batch_size=1, grad_accum=1, lora_rank=8, grad_ckpt=True,
+                      loss="fused", prepare="lean", expandable_segments=True,
+                      offload_activations=True, recompute_norms=True, mlp_chunk=256)
+    nxt, why = api.next_safer_config(cfg, allow_shorter_seq=True)
+    assert (nxt.seq_len, nxt.mlp_chunk) == (256, 128) and "MLP chunks 256 -> 128" in why.text
+    assert estimate_memory(m, nxt).peak_bytes <= estimate_memory(m, cfg).peak_bytes
+    untiled = cfg.with_(seq_len=256)
+    assert estimate_memory(m, untiled).peak_bytes > estimate_memory(m, cfg).peak_bytes
