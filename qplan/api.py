@@ -352,6 +352,20 @@ def check_gpus_split(target: int, fixed: dict[str, Any]) -> None:
             f"multiple of {unit}; use {near}")
 
 
+def _longest_multiple(fits, lo: int, hi: int, step: int, best: Plan | None = None
+                      ) -> tuple[int, Plan | None]:
+    """Binary search for the largest k in lo..hi whose ``fits(k * step)`` gives a plan, and
+    that plan; ``lo`` is taken to fit already (with ``best`` its plan, or None)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = fits(mid * step)
+        if p is not None:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    return lo, best
+
+
 def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_batch: int = 16,
                      fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
                      reserve_bytes: int | None = None, use_calibration: bool = True,
@@ -371,15 +385,7 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
         except DoesNotFitError:
             return None
 
-    lo, hi = 0, model.max_position_embeddings // step
-    best = None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        p = fits(mid * step)
-        if p is not None:
-            lo, best = mid, p
-        else:
-            hi = mid - 1
+    _, best = _longest_multiple(fits, 0, model.max_position_embeddings // step, step)
     if best is None:
         return suggest(model, gpu, seq_len=step, target_effective_batch=target_effective_batch,
                        fixed=fixed, capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
@@ -409,14 +415,8 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
     while s >= 128 and (p := fits(s)) is None:
         s //= 2
     if p is not None:
-        lo, hi = s // 256, (seq_len - 1) // 256
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            q = fits(mid * 256)
-            if q is not None:
-                lo, s, p = mid, mid * 256, q
-            else:
-                hi = mid - 1
+        k, q = _longest_multiple(fits, s // 256, (seq_len - 1) // 256, 256, p)
+        s, p = (k * 256, q) if q is not p else (s, p)
         out.append(f"shorter sequence: --seq {s} fits ({p.peak_gib:.1f} GiB)")
     cat = catalog(pm)
     # the largest smaller model that fits: same family first, then any family

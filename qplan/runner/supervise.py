@@ -101,7 +101,8 @@ RANK_GRACE_S = 5.0
 
 def _result_says_failed(path: Path | None) -> bool:
     """Whether a rank's result file (written atomically, just before it exits) says it
-    ended other than well. Read without the protocol module: no torch, no dataclasses."""
+    ended other than well: only its status is read (run._status checks the whole file, once
+    the ranks have ended)."""
     import json
 
     if path is None or not path.exists():
