@@ -202,3 +202,17 @@ def test_a_plan_for_more_gpus_than_visible_says_what_to_do(monkeypatch, strategy
     assert "1 GPU(s) are visible" in msg and "give --gpus 1 or fewer" in msg and hint in msg
     newrun._check_gpus(1, "cuda", strategy)  # fits what is visible: no error
     newrun._check_gpus(4, "cpu", strategy)  # CPU processes need no GPUs
+
+
+@pytest.mark.parametrize("value,want", [(None, 0.02), ("2.0", 2.0), ("abc", 0.02), ("-1", 0.02),
+                                        ("0", 0.02), ("nan", 0.02), ("inf", 0.02)])
+def test_period_settings_from_the_environment_never_fail_a_run(monkeypatch, value, want):
+    """QPLAN_SAMPLE_INTERVAL_S / QPLAN_HANG_DUMP_S are for measuring: a wrong value falls
+    back to the default instead of failing the training process."""
+    from qplan.runner.child import _env_seconds
+
+    if value is None:
+        monkeypatch.delenv("QPLAN_SAMPLE_INTERVAL_S", raising=False)
+    else:
+        monkeypatch.setenv("QPLAN_SAMPLE_INTERVAL_S", value)
+    assert _env_seconds("QPLAN_SAMPLE_INTERVAL_S", 0.02) == want

@@ -194,8 +194,8 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
 
         torch.cuda.set_device(local_rank())
     # QPLAN_SAMPLE_INTERVAL_S: the memory sampler's period (benchmarks compare it; 0.02 s)
-    monitor = MemoryMonitor(spec.device == "cuda", interval_s=float(
-        os.environ.get("QPLAN_SAMPLE_INTERVAL_S", "0.02"))).start()
+    monitor = MemoryMonitor(spec.device == "cuda",
+                            interval_s=_env_seconds("QPLAN_SAMPLE_INTERVAL_S", 0.02)).start()
     tok, model, optimizer, simulate = _load(spec, fp)
     train_ds, eval_ds, per_step = _datasets(spec, tok)
     progress = Progress(spec.total_steps, spec.resumed_from, spec.attempt, spec.progress)
@@ -315,13 +315,23 @@ def _profiled(fn, *args):
         Path(path).write_text(out.getvalue())
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A benchmark's or a diagnosis's period in seconds from the environment; ``default`` when
+    unset, not a number or not positive (these settings are for measuring, not for failing)."""
+    try:
+        v = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return v if v > 0 and v == v and v != float("inf") else default
+
+
 def _dump_stacks_when_stuck(spec) -> None:
     """``QPLAN_HANG_DUMP_S=N``: every N seconds, each thread's Python stack into
     ``stacks-rank{R}.txt`` in the attempt's folder (a hang between ranks, found on the GPU
     machine after the fact; faulthandler writes from a C thread, so a stuck collective or a
     held lock does not stop it). Diagnostics only: it reads other threads' states without
     their locks, and one two-GPU run with it on ended in a segmentation fault."""
-    every = float(os.environ.get("QPLAN_HANG_DUMP_S") or 0)
+    every = _env_seconds("QPLAN_HANG_DUMP_S", 0.0)
     if every <= 0:
         return
     import faulthandler
