@@ -78,7 +78,7 @@ def load_records(paths=None) -> list[dict]:
     # the end-to-end runs (e2e_unmeasured.py, longest_run.py) are plans run whole, reported
     # by those scripts, and so are the data-parallel and sharded runs (ddp_gpu.py, fsdp_gpu.py)
     skip = ("h200_runner_grid", "h200_speed_", "h200_e2e", "h200_trl_check", "h200_longest_run",
-            "h200x2_ddp", "h200x2_fsdp")
+            "h200x2_ddp", "h200x2_fsdp", "h200x2_offload")
     for p in paths or sorted(x for x in RAW.glob("*.jsonl") if not x.name.startswith(skip)):
         for line in open(p):
             d = json.loads(line)

@@ -271,6 +271,8 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         raise BadInputError(
             f"bf16 needs compute capability 8.0 or newer; {gpu.name} has {gpu.cc_str}. "
             "Leave the dtype to qplan (fp16 is chosen there) or pick an Ampere or newer card.")
+    if fixed.get("offload_params") and not fixed.get("strategy"):
+        fixed = {**fixed, "strategy": "fsdp"}  # offload is FSDP's
     if fixed.get("strategy") == "fsdp":
         fixed = sharded_settings(fixed)
     policies = _policies(pm)
@@ -291,6 +293,13 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
         sharded = min(seen, key=lambda c: c.memory.safe_peak_bytes)
         best, seen_fsdp = run_search(sharded_settings(fixed))
         seen = seen_fsdp or seen
+    offload_tried = False
+    if best is None and seen and may_offload(fixed):
+        # nothing fits the GPUs, even sharded: the shards in host memory (slow, but it trains)
+        offload_tried = True
+        best, seen_off = run_search({**sharded_settings(fixed), "offload_params": True})
+        if best is None:  # report the smallest of the plans that keep the weights on the GPU
+            seen = seen or seen_off
     if best is None and not seen:
         raise BadInputError(
             f"every candidate plan for {model.name} on {gpu.name} was vetoed by a plan policy; "
@@ -315,11 +324,22 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
             msg += (f"; with --gpus {n} and --strategy ddp every GPU holds the whole model, "
                     "so more GPUs do not make it fit: leave --strategy to qplan (or give "
                     "--strategy fsdp) to shard it")
+        if offload_tried:
+            msg += ("; not even with the weights in host memory (FSDP CPU offload: the "
+                    "activations and the gathered blocks still need the GPU)")
         raise DoesNotFitError(msg, estimate=smallest.memory if smallest else None,
                               alternatives=alts)
     return make_plan(model, gpu, best.config, target=target_effective_batch, model_ref=model_ref,
                      capacity_bytes=capacity_bytes, pm=pm, use_calibration=use_calibration,
                      extra_reasons=_policy_reasons(policies, best.config))
+
+
+def may_offload(fixed: dict[str, Any]) -> bool:
+    """Whether the search may fall back to FSDP with CPU offload of the weights: not when
+    the user fixed ``offload_params`` (either way), the data-parallel strategy, kbit
+    preparation or CPU embeddings (which FSDP does not take)."""
+    return ("offload_params" not in fixed and fixed.get("strategy") != "ddp"
+            and fixed.get("prepare") != "kbit" and not fixed.get("embed_on_cpu"))
 
 
 def sharded_settings(fixed: dict[str, Any]) -> dict[str, Any]:
@@ -371,21 +391,29 @@ def longest_sequence(model: ModelProfile, gpu: GpuProfile, *, target_effective_b
                      reserve_bytes: int | None = None, use_calibration: bool = True,
                      flash_attn_available: bool = False, host_ram_bytes: int | None = None,
                      step: int = 256, pm=None) -> Plan:
-    """The plan with the longest sequence that fits (``qplan suggest --longest``)."""
+    """The plan with the longest sequence that fits (``qplan suggest --longest``), with the
+    weights on the GPUs; with CPU offload only when no sequence fits without it (unless
+    ``fixed`` says either way): offload buys a few percent more tokens at a plan that is
+    slower and loads differently."""
     fixed = dict(fixed or {})
     fixed.setdefault("batch_size", 1)
 
-    def fits(s: int) -> Plan | None:
+    def fits(s: int, offload: dict) -> Plan | None:
         try:
             return suggest(model, gpu, seq_len=s, target_effective_batch=target_effective_batch,
-                           fixed=fixed, capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
-                           use_calibration=use_calibration,
+                           fixed={**fixed, **offload}, capacity_bytes=capacity_bytes,
+                           reserve_bytes=reserve_bytes, use_calibration=use_calibration,
                            flash_attn_available=flash_attn_available,
                            host_ram_bytes=host_ram_bytes, pm=pm, find_alternatives=False)
         except DoesNotFitError:
             return None
 
-    _, best = _longest_multiple(fits, 0, model.max_position_embeddings // step, step)
+    top = model.max_position_embeddings // step
+    best = None
+    if "offload_params" not in fixed:
+        _, best = _longest_multiple(lambda s: fits(s, {"offload_params": False}), 0, top, step)
+    if best is None:
+        _, best = _longest_multiple(lambda s: fits(s, {}), 0, top, step)
     if best is None:
         return suggest(model, gpu, seq_len=step, target_effective_batch=target_effective_batch,
                        fixed=fixed, capacity_bytes=capacity_bytes, reserve_bytes=reserve_bytes,
@@ -397,8 +425,12 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
                  fixed: dict[str, Any] | None = None, capacity_bytes: int | None = None,
                  reserve_bytes: int | None = None, pm=None) -> list[str]:
     """Nearest plans that do fit: a shorter sequence, a smaller model, more of these cards
-    (sharded), a bigger card."""
+    (sharded), a bigger card, each with the weights on the GPUs; CPU offload when the user
+    turned it off (``offload_params`` False)."""
     out: list[str] = []
+    asked = dict(fixed or {})
+    # the alternatives keep the weights on the GPUs (offload, when allowed, was tried already)
+    fixed = asked if "offload_params" in asked else {**asked, "offload_params": False}
 
     def fits(s: int) -> Plan | None:
         try:
@@ -426,17 +458,29 @@ def alternatives(model: ModelProfile, gpu: GpuProfile, *, seq_len: int, target: 
         try:
             p = suggest(m, gpu, seq_len=min(seq_len, m.max_position_embeddings),
                         target_effective_batch=target, capacity_bytes=capacity_bytes,
-                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
+                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False,
+                        fixed={"offload_params": fixed["offload_params"]})
             out.append(f"smaller model: --model {m.name} fits ({p.peak_gib:.1f} GiB)")
             break
         except DoesNotFitError:
             continue
-    have = (fixed or {}).get("gpus") or 1
+    if asked.get("offload_params") is False and may_offload(
+            {k: v for k, v in asked.items() if k != "offload_params"}):
+        try:  # the weights in host memory (turned off by the user)
+            p = suggest(model, gpu, seq_len=seq_len, target_effective_batch=target,
+                        fixed={**asked, "offload_params": True}, capacity_bytes=capacity_bytes,
+                        reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
+            out.append(f"CPU offload: --offload-params fits ({p.peak_gib:.1f} GiB"
+                       f"{' per GPU' if p.config.gpus > 1 else ''}; slow: "
+                       f"~{p.speed.tokens_per_s:,.0f} tokens/s)")
+        except (DoesNotFitError, BadInputError):
+            pass
+    have = fixed.get("gpus") or 1
     for n in (x for x in (2, 4, 8) if x > have and target % x == 0
-              and not (fixed or {}).get("strategy") == "ddp"):
+              and not fixed.get("strategy") == "ddp"):
         try:  # the model sharded across more of these cards (a whole copy did not fit)
             p = suggest(model, gpu, seq_len=seq_len, target_effective_batch=target,
-                        fixed={**(fixed or {}), "gpus": n}, capacity_bytes=capacity_bytes,
+                        fixed={**fixed, "gpus": n}, capacity_bytes=capacity_bytes,
                         reserve_bytes=reserve_bytes, pm=pm, find_alternatives=False)
             how = "FSDP, the model sharded" if p.config.strategy == "fsdp" else "data-parallel"
             out.append(f"more GPUs: --gpus {n} ({how}) fits ({p.peak_gib:.1f} GiB per GPU)")

@@ -40,10 +40,20 @@ def memory_dict(mem, *, usable_bytes: int | None = None) -> dict[str, Any]:
                   for t in mem.terms],
         "largest_term": big.key,
         "host_pinned_gib": _r(mem.host_pinned_bytes / GIB),
+        "host_pinned_for": _host_pinned_for(mem.config),
         "band_gib": _r(mem.band_bytes / GIB),
         "basis": mem.basis,
         "paged_optimizer_gib": _r(mem.paged_bytes / GIB),
     }
+
+
+def _host_pinned_for(cfg) -> list[str]:
+    """What the configuration keeps in pinned host memory."""
+    return [w for w, on in (
+        ("offloaded weights, adapters and optimizer states",
+         cfg.strategy == "fsdp" and cfg.offload_params),
+        ("CPU embeddings", cfg.embed_on_cpu),
+        ("offloaded activations", cfg.offload_activations and cfg.grad_ckpt)) if on]
 
 
 def estimate_dict(command: str, model, gpu, cfg, mem, speed, *, usable_bytes=None,
@@ -215,7 +225,8 @@ def print_breakdown(d: dict[str, Any], *, title: str = "Memory (peak, as nvidia-
                 "paged in for the optimizer step (after the activations are freed)")
     if d.get("host_pinned_gib"):
         n = (d.get("settings") or {}).get("gpus") or 1
-        c.print(f"host memory (CPU embeddings, offloaded activations): {d['host_pinned_gib']:.2f} GiB"
+        what = ", ".join(d.get("host_pinned_for") or ()) or "pinned"
+        c.print(f"host memory ({what}): {d['host_pinned_gib']:.2f} GiB"
                 + (f" per GPU's process ({n * d['host_pinned_gib']:.2f} GiB for {n})" if n > 1 else ""))
 
 

@@ -177,10 +177,14 @@ def test_a_model_too_big_for_two_cards_even_sharded_says_so():
     from qplan.errors import DoesNotFitError
 
     m, g = api.get_model("llama-3.1-70b"), api.get_gpu("rtx-4090")
-    with pytest.raises(DoesNotFitError) as e:
-        api.suggest(m, g, seq_len=2048, fixed={"gpus": 2}, find_alternatives=False)
+    with pytest.raises(DoesNotFitError) as e:  # with the weights kept on the GPUs
+        api.suggest(m, g, seq_len=2048, fixed={"gpus": 2, "offload_params": False},
+                    find_alternatives=False)
     assert "even with the model sharded across the 2 GPUs (FSDP" in str(e.value)
     assert "activations are not sharded" in str(e.value)
+    # left to qplan, the weights go to host memory (tests/test_fsdp_offload.py)
+    plan = api.suggest(m, g, seq_len=2048, fixed={"gpus": 2}, find_alternatives=False)
+    assert plan.config.offload_params and plan.config.gpus == 2
 
 
 def test_ddp_fixed_says_fsdp_would_shard_it():

@@ -85,6 +85,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("strategy", "--strategy", "how the --gpus share the model: ddp = a whole copy on "
          "each; fsdp = weights, adapters and optimizer sharded across them (for a model one "
          "GPU cannot hold)", click.Choice(C.STRATEGIES)),
+    Knob("offload_params", "--offload-params/--no-offload-params",
+         "FSDP with CPU offload: the weights' shards, adapters and optimizer states in pinned "
+         "host memory, each block copied to the GPU when it runs (slow; for a model the GPUs "
+         "cannot hold even sharded; also on one GPU). suggest falls back to it when nothing "
+         "else fits unless --no-offload-params"),
 )
 KNOB_BY_FIELD = {k.field: k for k in KNOBS}
 

@@ -254,10 +254,7 @@ def _print_suggest(d: dict[str, Any], m, t, plan, why: dict[str, str], rest: lis
                      f"{ds['epochs']:g} epoch(s) ({how})")
     if plan.env:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
-    lines.append(f"device_map: {plan.device_map}" + (
-        f" (each process loads and quantizes the model in host memory; FSDP moves 1/"
-        f"{plan.config.gpus} of it to each GPU as it wraps the blocks)"
-        if plan.config.strategy == "fsdp" else ""))
+    lines.append(f"device_map: {plan.device_map}" + _device_map_note(plan.config))
     if d["saved_to"] is not None:
         lines.append(f"plan saved to {d['saved_to']} (edit it, then `qplan run --plan "
                      f"{d['saved_to']}`)")
@@ -273,6 +270,17 @@ ESTIMATE_EXAMPLES = examples(
     "qplan estimate --model qwen2.5-7b --gpu 16GB --rank 64 --targets q,k,v,o --prepare kbit",
     "qplan estimate --model mistral-7b --gpu t4 --compute-dtype fp16 --json",
 )
+
+
+def _device_map_note(cfg) -> str:
+    """What an FSDP plan's device_map means."""
+    if cfg.strategy != "fsdp":
+        return ""
+    if cfg.offload_params:
+        return (" (each process loads and quantizes the model in host memory; its shard stays "
+                "there, pinned, and each block is copied to the GPU when it runs)")
+    return (f" (each process loads and quantizes the model in host memory; FSDP moves 1/"
+            f"{cfg.gpus} of it to each GPU as it wraps the blocks)")
 
 
 def _fit_hint(m, gpu, cfg, capacity_bytes, reserve_bytes=None) -> str | None:
@@ -322,6 +330,8 @@ def estimate(model: str, gpu: str | None, vram: float | None, reserve: float | N
 
     values = knob_values(knobs)
     src = click.get_current_context().get_parameter_source
+    if values.get("offload_params") and src("strategy") == click.core.ParameterSource.DEFAULT:
+        values["strategy"] = "fsdp"  # offload is FSDP's
     if values.get("strategy") == "fsdp" and src("optim") == click.core.ParameterSource.DEFAULT:
         values["optim"] = FSDP_OPTIM  # the optimizer FSDP's sharded parameters take
     m = api.get_model(model)

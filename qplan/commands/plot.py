@@ -28,7 +28,7 @@ Examples:
               help="effective batch (batch x accumulation) to reach")
 @click.option("--max-seq", type=click.IntRange(min=256), help="the longest sequence drawn "
               "(default: 4 x --seq, at least 8192, at most the context)")
-@knob_options(defaults=False, skip=("gpus", "strategy"))
+@knob_options(defaults=False, skip=("gpus", "strategy", "offload_params"))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="the picture: FILE.png or FILE.svg")
 @json_option

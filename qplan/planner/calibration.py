@@ -130,6 +130,16 @@ BAND_FSDP = 0.06
 # 5.6 ms; leave-one-out speed errors +1.6%, -1.1%, -1.7% (benchmarks/results/fsdp_gpu.md).
 # A factor on the micro-batch (1.37, fitted to the first two) was 26% slow for the 32B run.
 FSDP_BLOCK_S = 0.0056
+# FSDP with CPU offload of parameters (CPUOffloadPolicy, pinned): the time per decoder block
+# per micro-batch over the same FSDP plan without offload (speed.offload_block_s; the
+# copies' bytes at PCIE_GBS run ahead of the compute). benchmarks/fsdp_offload_probe.py on 2
+# H200s (benchmarks/results/fsdp_offload.md): 8.0 ms a block for llama-3.2-1b, 10.0 ms for
+# llama-3.1-8b's blocks (8 of them), less the CPU optimizer's share. Two models, 2,048 tokens.
+OFFLOAD_BLOCK_S = 0.008
+# torch's AdamW (float32, foreach) stepping offloaded LoRA parameters on the CPU, seconds a
+# parameter: 1.2-1.8 ns measured on a 2-core CI machine (5M and 20M parameters); rounded up
+# (speed.cpu_optimizer_s). Small next to the copies except for very large adapters.
+CPU_ADAM_S_PER_PARAM = 2e-9
 # FSDP runs load and quantize the model on the host in every process. qwen2.5-32b on two
 # H200s (benchmarks/results/raw/h200x2_fsdp6_host_memory.txt, `free` every 10 s): the two
 # processes used 39 GiB of host memory at the peak (2 x its 17.9 GiB 4-bit copy + 1.6 GiB

@@ -72,8 +72,15 @@ class TrainConfig:
     gpus: int = 1
     # How the ``gpus`` share the model: "ddp" (each holds a whole copy) or "fsdp" (fully
     # sharded: each holds 1/gpus of the 4-bit weights, embeddings, adapters and optimizer
-    # states, gathering one block at a time). Only meaningful with gpus > 1.
+    # states, gathering one block at a time). Only meaningful with gpus > 1, or with
+    # ``offload_params`` on one GPU.
     strategy: str = "ddp"
+    # FSDP with CPU offload of parameters: every shard (4-bit weights, embeddings, LoRA
+    # weights, their gradients and the optimizer states) lives in pinned host memory; each
+    # block is copied to the GPU when it runs and the optimizer steps on the CPU. For models
+    # that do not fit the GPUs even sharded; also on one GPU (transformers refuses to train
+    # a 4-bit model whose device_map puts modules on the CPU: this is the form that trains).
+    offload_params: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, (list, str)):
@@ -111,15 +118,21 @@ class TrainConfig:
             v = getattr(self, f)
             if v not in allowed:
                 p.append(f"{f} {v!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.offload_params, bool):
+            p.append(f"offload_params must be true or false (got {self.offload_params!r})")
         if self.strategy == "fsdp":
             p += self._fsdp_problems()
+        elif self.offload_params is True:
+            p.append("offload_params (the sharded weights kept in host memory) needs strategy "
+                     "fsdp: use --strategy fsdp with it")
         return p
 
     def _fsdp_problems(self) -> list[str]:
         p = []
-        if isinstance(self.gpus, int) and self.gpus < 2:
+        if isinstance(self.gpus, int) and self.gpus < 2 and self.offload_params is not True:
             p.append(f"strategy fsdp shards the model across GPUs and needs gpus >= 2 (got "
-                     f"{self.gpus}); use --gpus 2 or more, or strategy ddp on one GPU")
+                     f"{self.gpus}), or offload_params on one GPU (the weights in host memory); "
+                     f"use --gpus 2 or more, or strategy ddp on one GPU")
         if self.embed_on_cpu:
             p.append("strategy fsdp shards the embeddings across the GPUs; embed_on_cpu (the "
                      "embeddings in CPU memory) does not combine with it: turn one off")

@@ -129,6 +129,24 @@ def _sharded(cfg: TrainConfig) -> int:
     return cfg.gpus if cfg.strategy == "fsdp" else 1
 
 
+def params_offloaded(cfg: TrainConfig) -> bool:
+    """FSDP with CPU offload: the shards live in host memory, not on the GPU."""
+    return cfg.strategy == "fsdp" and cfg.offload_params
+
+
+def offloaded_host_bytes(model: ModelProfile, cfg: TrainConfig) -> int:
+    """With ``offload_params``, per process: the pinned host memory its shards take, the
+    4-bit values, the embeddings, norms and output layer, the LoRA weights, their gradients
+    and the optimizer states (1/gpus of each); 0 otherwise."""
+    if not params_offloaded(cfg):
+        return 0
+    n = _sharded(cfg)
+    lora = lora_param_count(model, cfg)
+    return int((_quant_payload(model.quantized_params, cfg)
+                + model.unquantized_params * _unquantized_dtype_bytes(cfg)
+                + 4 * lora + 4 * lora) / n + optimizer_states(model, cfg))
+
+
 def _quant_payload(n: int, cfg: TrainConfig) -> float:
     """Bytes of ``n`` linear weights' values: half a byte each in 4 bit, 2 in 16-bit."""
     return 2 * n if cfg.quant == "none" else n / 2
@@ -150,18 +168,23 @@ def quantized_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     float32 (4 bytes / 64 values), or with double quantization 8-bit (1 byte / 64) plus
     one float32 per 256 constants. With ``quant="none"`` (plain LoRA) they stay 16-bit.
     Under FSDP each GPU keeps 1/gpus of the packed values; the constants (bitsandbytes'
-    quantization state, kept beside the module, not a parameter) stay whole on every GPU.
+    quantization state, kept beside the module, not a parameter) stay whole on every GPU,
+    also with ``offload_params``, which keeps only the values in host memory.
     """
     n = model.quantized_params
-    return int(_quant_payload(n, cfg) / _sharded(cfg) + _quant_constants(n, cfg))
+    payload = 0 if params_offloaded(cfg) else _quant_payload(n, cfg) / _sharded(cfg)
+    return int(payload + _quant_constants(n, cfg))
 
 
 def unquantized_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """Embeddings, lm_head (unless tied) and norms, which stay unquantized.
 
     ``prepare=kbit`` (peft's ``prepare_model_for_kbit_training``) casts them to float32:
-    4 bytes a parameter; ``lean`` keeps them in 16-bit: 2 bytes. Under FSDP, 1/gpus of them.
+    4 bytes a parameter; ``lean`` keeps them in 16-bit: 2 bytes. Under FSDP, 1/gpus of them;
+    none with ``offload_params`` (in host memory).
     """
+    if params_offloaded(cfg):
+        return 0
     n = model.unquantized_params
     if cfg.embed_on_cpu and not model.tie_word_embeddings:
         n -= model.embedding_params  # in host memory
@@ -171,14 +194,19 @@ def unquantized_weights(model: ModelProfile, cfg: TrainConfig) -> int:
 def lora_weights(model: ModelProfile, cfg: TrainConfig) -> int:
     """LoRA A and B matrices, r x (in + out) per adapted layer, in float32 (peft's default).
 
-    Under FSDP, 1/gpus of them."""
+    Under FSDP, 1/gpus of them; none with ``offload_params`` (in host memory)."""
+    if params_offloaded(cfg):
+        return 0
     return 4 * lora_param_count(model, cfg) // _sharded(cfg)
 
 
 def lora_gradients(model: ModelProfile, cfg: TrainConfig) -> int:
     """One float32 gradient per LoRA parameter.
 
-    Under FSDP, for this GPU's shard of them."""
+    Under FSDP, for this GPU's shard of them; with ``offload_params`` they are copied to the
+    host as they are made (none kept on the GPU)."""
+    if params_offloaded(cfg):
+        return 0
     return 4 * lora_param_count(model, cfg) // _sharded(cfg)
 
 
@@ -225,14 +253,28 @@ def fsdp_loading_note(model: ModelProfile, cfg: TrainConfig) -> str:
     4-bit copy (:data:`calibration.FSDP_LOAD_HOST_EXTRA_GIB` more), the file's pages are
     shared (measured for a 32B model on two H200s)."""
     ckpt = 2 * model.total_params / GIB
-    four = (quantized_weights(model, cfg.with_(strategy="ddp", gpus=1))
+    four = (quantized_weights(model, cfg.with_(strategy="ddp", gpus=1, offload_params=False))
             + model.unquantized_params * 2) / GIB
     need = cfg.gpus * (four + C.FSDP_LOAD_HOST_EXTRA_GIB)
+    if cfg.gpus == 1:
+        return (f"loading: the training process reads the {ckpt:.0f} GiB 16-bit checkpoint and "
+                f"quantizes it on the host into a {four:.1f} GiB 4-bit copy: ~{need:.0f} GiB of "
+                f"host memory, plus the checkpoint's file pages (with less memory the system "
+                f"evicts them and loading reads the file again, slower)")
     return (f"loading: each of the {cfg.gpus} processes reads the {ckpt:.0f} GiB 16-bit checkpoint "
             f"and quantizes it on the host into its own {four:.1f} GiB 4-bit copy before its "
             f"GPU gets its shard: ~{need:.0f} GiB of host memory for the {cfg.gpus}, plus the "
             f"checkpoint's file pages (shared; with less memory the system evicts them and "
             f"loading reads the file again, slower)")
+
+
+def offload_note(model: ModelProfile, cfg: TrainConfig) -> str:
+    """What ``offload_params`` keeps in host memory, and what it costs."""
+    each = " each" if cfg.gpus > 1 else ""
+    return (f"CPU offload: the weights' shards, the adapters and the optimizer states live in "
+            f"pinned host memory ({offloaded_host_bytes(model, cfg) / GIB:.1f} GiB{each}); "
+            f"every block is copied to the GPU{'s' if cfg.gpus > 1 else ''} twice a "
+            f"micro-batch and the optimizer steps on the CPU: slow, but the model trains")
 
 
 def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
@@ -252,8 +294,11 @@ def optimizer_states(model: ModelProfile, cfg: TrainConfig) -> int:
 def optimizer_states_at_peak(model: ModelProfile, cfg: TrainConfig) -> int:
     """Optimizer states on the device at the activation peak: all of them, except paged
     ones, which bitsandbytes keeps in managed memory and pages in for the optimizer step,
-    after the activations are freed (the runner's NVML readings never show them)."""
-    return 0 if cfg.optim == "paged_adamw_8bit" else optimizer_states(model, cfg)
+    after the activations are freed (the runner's NVML readings never show them), and
+    offloaded ones (``offload_params``: the optimizer steps on the CPU)."""
+    if cfg.optim == "paged_adamw_8bit" or params_offloaded(cfg):
+        return 0
+    return optimizer_states(model, cfg)
 
 
 def saved_activations(model: ModelProfile, cfg: TrainConfig) -> int:
@@ -729,16 +774,20 @@ def estimate_memory(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile | Non
             f"{model.name} is a mixture of experts ({model.num_local_experts} experts); qplan's "
             "memory model covers dense decoders only. A plugin can supply MoE terms through "
             "the adjust_memory hook; dense models of similar size: see `qplan models`.")
-    if cfg.strategy == "fsdp" and cfg.gpus > 1:
+    if cfg.strategy == "fsdp" and (cfg.gpus > 1 or cfg.offload_params):
         notes.append(fsdp_loading_note(model, cfg))
+    if params_offloaded(cfg):
+        notes.append(offload_note(model, cfg))
     cap = capacity_bytes if capacity_bytes is not None else (gpu.memory_bytes if gpu else None)
     host = 0
     if _offloaded(cfg):
         host = model.num_hidden_layers * _tokens(cfg) * model.hidden_size * _residual_bytes(cfg)
     if cfg.embed_on_cpu and not model.tie_word_embeddings:
         host += model.embedding_params * _unquantized_dtype_bytes(cfg)
+    host += offloaded_host_bytes(model, cfg)
     return MemoryEstimate(model=model.name, config=cfg, terms=tuple(terms),
                           gpu=gpu.name if gpu else None, capacity_bytes=cap,
                           host_pinned_bytes=host, basis=dyn.basis, regime=dyn.regime,
-                          paged_bytes=optimizer_states(model, cfg) - optimizer_states_at_peak(model, cfg),
+                          paged_bytes=(optimizer_states(model, cfg)
+                                       if cfg.optim == "paged_adamw_8bit" else 0),
                           band_bytes=uncertainty_band(terms, dyn.basis), notes=tuple(notes))

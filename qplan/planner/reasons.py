@@ -96,21 +96,40 @@ def plan_reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig,
     batch = Reason(("batch_size", "grad_accum"),
                    f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}{split} = effective "
                    f"batch {cfg.effective_batch} (target {target})")
-    out = [batch] + _compute(cfg, gpu) + _lora(cfg) + _memory(model, cfg) + [_gpus(cfg, gpu)]
+    out = [batch] + _compute(cfg, gpu) + _lora(cfg) + _memory(model, cfg) + _gpus(cfg, gpu)
+    if not cfg.offload_params:
+        out.append(Reason(("offload_params",), "off: the weights fit on the GPU"
+                          + ("s" if cfg.gpus > 1 else "") + " (CPU offload only when nothing "
+                          "else fits: it is slow)"))
     return tuple(out)
 
 
-def _gpus(cfg: TrainConfig, gpu: GpuProfile) -> Reason:
+def _gpus(cfg: TrainConfig, gpu: GpuProfile) -> list[Reason]:
+    if cfg.strategy == "fsdp" and cfg.offload_params:
+        if cfg.gpus > 1:
+            how = (f"{cfg.gpus} GPUs, fully sharded (FSDP): each process holds 1/{cfg.gpus} of "
+                   f"the 4-bit weights, embeddings, adapters and optimizer states and gathers "
+                   f"each block over {gpu.link.name} as it computes it; memory figures are "
+                   "per GPU")
+        else:
+            how = ("one GPU under FSDP (a group of one process): it copies each block to the "
+                   "GPU as it computes it")
+        return [Reason(("gpus", "strategy"), how),
+                Reason(("offload_params",),
+                       f"on: the weights do not fit the GPU{'s even sharded' if cfg.gpus > 1 else ''}"
+                       ", so they stay in pinned host memory (CPU offload) and every block is "
+                       "copied in when it runs, twice a micro-batch; the optimizer steps on the "
+                       "CPU. Slow (the speed below counts it), but it trains")]
     if cfg.gpus == 1:
-        return Reason(("gpus", "strategy"), "one GPU (--gpus N: data-parallel on N)")
+        return [Reason(("gpus", "strategy"), "one GPU (--gpus N: data-parallel on N)")]
     if cfg.strategy == "fsdp":
-        return Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, fully sharded (FSDP): each holds "
-                      f"1/{cfg.gpus} of the 4-bit weights, embeddings, adapters and optimizer "
-                      f"states and gathers each block over {gpu.link.name} as it computes it "
-                      "(a whole copy does not fit one GPU); memory figures are per GPU")
-    return Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, data-parallel (DDP): a full copy of "
-                  f"the model on each, the LoRA gradients all-reduced every optimizer step over "
-                  f"{gpu.link.name}; memory figures are per GPU")
+        return [Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, fully sharded (FSDP): each holds "
+                       f"1/{cfg.gpus} of the 4-bit weights, embeddings, adapters and optimizer "
+                       f"states and gathers each block over {gpu.link.name} as it computes it "
+                       "(a whole copy does not fit one GPU); memory figures are per GPU")]
+    return [Reason(("gpus", "strategy"), f"{cfg.gpus} GPUs, data-parallel (DDP): a full copy of "
+                   f"the model on each, the LoRA gradients all-reduced every optimizer step over "
+                   f"{gpu.link.name}; memory figures are per GPU")]
 
 
 def policy_reasons(trace) -> tuple[Reason, ...]:

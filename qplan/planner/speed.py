@@ -221,14 +221,51 @@ def fsdp_gather_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> flo
             + (n - 1) / n * (2 * blocks + head + grads) / (link.gbs * 1e9 * eff))
 
 
+def offload_copy_s(model: ModelProfile, cfg: TrainConfig) -> float:
+    """With ``offload_params``, per micro-batch: the bytes each GPU copies from pinned host
+    memory, its shard of every block for the forward and again for the backward, of the
+    embeddings and output layer once, and its shard of the LoRA gradients back, at
+    :data:`calibration.PCIE_GBS`. FSDP copies a block's shard as it gathers it, ahead of
+    the block's compute, so :func:`estimate_speed` counts it with the gathers (hidden
+    behind a long enough micro-batch)."""
+    from qplan.planner.memory import gathered_blocks_bytes, lora_param_count, params_offloaded
+
+    if not params_offloaded(cfg):
+        return 0.0
+    blocks = gathered_blocks_bytes(model, cfg)
+    head = 2 * (model.embedding_params + model.lm_head_params)
+    grads = 4 * lora_param_count(model, cfg)
+    return (2 * blocks + head + grads) / cfg.gpus / (C.PCIE_GBS * 1e9)
+
+
+def offload_block_s(model: ModelProfile, cfg: TrainConfig) -> float:
+    """With ``offload_params``, per micro-batch: a fixed cost per decoder block on top of
+    FSDP's (:func:`fsdp_block_s`), the host-to-GPU copies' launches and waits,
+    :data:`calibration.OFFLOAD_BLOCK_S` each (measured)."""
+    from qplan.planner.memory import params_offloaded
+
+    return model.num_hidden_layers * C.OFFLOAD_BLOCK_S if params_offloaded(cfg) else 0.0
+
+
+def cpu_optimizer_s(model: ModelProfile, cfg: TrainConfig) -> float:
+    """With ``offload_params``, per optimizer step: torch's AdamW over this process's shard of
+    the LoRA parameters on the CPU (:data:`calibration.CPU_ADAM_S_PER_PARAM`)."""
+    from qplan.planner.memory import lora_param_count, params_offloaded
+
+    if not params_offloaded(cfg):
+        return 0.0
+    return lora_param_count(model, cfg) / cfg.gpus * C.CPU_ADAM_S_PER_PARAM
+
+
 def fsdp_block_s(model: ModelProfile, cfg: TrainConfig) -> float:
     """Under FSDP, per micro-batch: a fixed cost per decoder block that compute does not
     hide (FSDP2's hooks, the gathers' launches and copy-out into the parameters, the waits
     between them): :data:`calibration.FSDP_BLOCK_S` each, measured on two H200s over NVLink
     (where the gathered bytes themselves take little time, :func:`fsdp_gather_s`). Not a
     factor on the micro-batch: a 32B model at 12k tokens ran 2% slower than the FSDP-less
-    prediction, a 1B model at 2k x 4 45% slower; 5.6 ms a block fits both (and a 4B)."""
-    if cfg.gpus <= 1 or cfg.strategy != "fsdp":
+    prediction, a 1B model at 2k x 4 45% slower; 5.6 ms a block fits both (and a 4B).
+    Also on one GPU with ``offload_params`` (FSDP's hooks run there too)."""
+    if cfg.strategy != "fsdp" or (cfg.gpus <= 1 and not cfg.offload_params):
         return 0.0
     return model.num_hidden_layers * C.FSDP_BLOCK_S
 
@@ -326,19 +363,22 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
     share = micro / (device + launch) if device + launch else 1.0
     factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
     micro *= factor
-    gather = fsdp_gather_s(model, cfg, gpu)
+    gather = fsdp_gather_s(model, cfg, gpu) + offload_copy_s(model, cfg)
     per_gpu = cfg.grad_accum // cfg.gpus  # each GPU runs its share of the micro-batches
     exposed = max(0.0, gather - micro)  # what the micro-batch's compute does not hide
-    opt = optimizer_s(model, cfg, gpu)
-    comm = allreduce_s(model, cfg, gpu) + (exposed + fsdp_block_s(model, cfg)) * per_gpu
+    opt = optimizer_s(model, cfg, gpu) + cpu_optimizer_s(model, cfg)
+    comm = allreduce_s(model, cfg, gpu) + (exposed + fsdp_block_s(model, cfg)
+                                           + offload_block_s(model, cfg)) * per_gpu
     step = micro * per_gpu + opt + comm
     a = per_gpu * share * factor
     terms = (("matmul", part["matmul"] * a), ("output layer", part["head"] * a), ("dequant", part["dequant"] * a),
              ("attention", part["attention"] * a),
              ("activations", part["activations"] * a), ("launch", launch * a),
              ("transfer", tr * a), ("optimizer", opt))
-    if cfg.gpus > 1:
-        terms += (("all-gather (FSDP)" if cfg.strategy == "fsdp" else "all-reduce", comm),)
+    if cfg.gpus > 1 or cfg.strategy == "fsdp":
+        name = "all-reduce" if cfg.strategy != "fsdp" else (
+            "CPU offload (FSDP)" if cfg.offload_params else "all-gather (FSDP)")
+        terms += ((name, comm),)
     err, basis = speed_uncertainty(gpu)
     return SpeedEstimate(tokens_per_s=cfg.tokens_per_step / step, step_s=step,
                          compute_s=part["matmul"] + part["head"] + part["attention"],

@@ -214,7 +214,7 @@ def train(spec: P.AttemptSpec, stop: StopFlag) -> P.AttemptResult:
         tokens_per_s=speed, steady_tokens_per_s=steady, evals=ctx.evals,
         measured=monitor.report(), simulate=simulate,
         checkpoint_saved=CK.is_complete(Path(spec.run_dir) / "checkpoints" / CK.name_for(step)),
-        parallel=_parallel(trainer) if spec.world_size > 1 else None, **extra)
+        parallel=_parallel(trainer) if spec.distributed else None, **extra)
 
 
 def _parallel(trainer) -> str:

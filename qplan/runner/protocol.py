@@ -130,6 +130,12 @@ class AttemptSpec:
     world_size: int = 1
     protocol: int = VERSION
 
+    @property
+    def distributed(self) -> bool:
+        """Whether the attempt runs as ranks of a torch.distributed group: several
+        processes, or one under FSDP (CPU offload on one GPU shards across a group of 1)."""
+        return self.world_size > 1 or self.settings.strategy == "fsdp"
+
 
 @dataclass(frozen=True)
 class AttemptResult:

@@ -84,6 +84,10 @@ def settings_line(cfg: TrainConfig) -> str:
              f"loss {cfg.loss}", f"prepare {cfg.prepare}", cfg.attn, cfg.quant, cfg.compute_dtype]
     if cfg.offload_activations:
         parts.append("activation offload")
+    if cfg.gpus > 1 or cfg.strategy == "fsdp":
+        parts.append(f"{cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''} {cfg.strategy}")
+    if cfg.strategy == "fsdp" and cfg.offload_params:
+        parts.append("weights offloaded to the CPU")
     return ", ".join(parts)
 
 
@@ -97,6 +101,10 @@ def _settings(s: dict) -> str:
              f"loss {s['loss']}", s["prepare"], s["attn"]]
     if s.get("offload_activations"):
         parts.append("offload")
+    if (s.get("gpus") or 1) > 1 or s.get("strategy") == "fsdp":
+        parts.append(f"{s.get('strategy', 'ddp')} x{s.get('gpus') or 1}")
+    if s.get("offload_params"):
+        parts.append("cpu-offload")
     return " ".join(parts)
 
 

@@ -296,7 +296,7 @@ def _attempt(r: Run, spec: P.AttemptSpec) -> rundir.AttemptRecord:
              + (f"; from checkpoint step {spec.resumed_from}" if spec.resume_from else ""))
     t0 = time.time()
     env = _child_env(spec.settings, r.plan_env(), spec.device)
-    if spec.world_size > 1:
+    if spec.distributed:
         rc = _attempt_ranks(r, spec, adir, env)
     else:
         proc = supervise.start(adir / "attempt.json", env, (r.lock.fd,), stdout=r.child_stdout)

@@ -56,6 +56,19 @@ def load_model(path: str, cfg: TrainConfig, device_map: Any = None):
     return model
 
 
+def quant_states_to(model, device) -> int:
+    """Move every 4-bit layer's quantization constants (bitsandbytes' ``quant_state``, kept
+    beside the module, not a parameter: FSDP's offload leaves them where loading put them)
+    to ``device``; returns how many."""
+    n = 0
+    for mod in model.modules():
+        qs = getattr(mod, "quant_state", None)
+        if qs is not None and hasattr(qs, "to"):
+            qs.to(device)  # bitsandbytes' QuantState.to moves in place
+            n += 1
+    return n
+
+
 def load_adapter_weights(model, checkpoint: str) -> None:
     """The LoRA weights a checkpoint folder holds (``adapter_model.safetensors``, as
     ``save_model`` writes it), into ``model``'s adapter, in place. Used before FSDP shards the

@@ -130,6 +130,10 @@ class QplanTrainer(Trainer):
         """Under FSDP the optimizer is made here, over the sharded parameters (the Trainer
         calls this after wrapping the model); otherwise the one given is used."""
         if self.optimizer is None and self.ctx.cfg.strategy == "fsdp":
+            if self.ctx.cfg.offload_params and self.ctx.spec.device == "cuda":
+                # the 4-bit layers' constants are not FSDP parameters: left on the host
+                # with the offloaded shards, every dequantization would copy them
+                T.quant_states_to(self.model, f"cuda:{torch.cuda.current_device()}")
             self.optimizer = T.make_optimizer(self.model.parameters(), self.ctx.cfg,
                                               lr=self.ctx.spec.lr)
             return self.optimizer
@@ -174,7 +178,7 @@ class QplanTrainer(Trainer):
             self._save_rng_state(str(tmp))
             self.state.save_to_json(str(tmp / "trainer_state.json"))
 
-        ranks = ctx.spec.world_size > 1
+        ranks = ctx.spec.distributed
         if ranks:
             fill = _gathered(ctx, step, fill)
             if fill is None:  # not rank 0: its part is written; wait for the checkpoint
@@ -338,11 +342,11 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
 
     cfg = spec.settings
     ddp = {}
-    if spec.world_size > 1:  # each rank runs its share of the step's micro-batches
+    if spec.distributed:  # each rank runs its share of the step's micro-batches
         ddp = dict(ddp_backend="nccl" if cuda else "gloo", ddp_find_unused_parameters=False,
                    average_tokens_across_devices=False)
         if cfg.strategy == "fsdp":
-            ddp.update(fsdp_arguments())
+            ddp.update(fsdp_arguments(offload=cfg.offload_params))
     return TrainingArguments(
         output_dir=str(Path(spec.attempt_dir) / "trainer"),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -358,12 +362,14 @@ def training_arguments(spec: P.AttemptSpec, cuda: bool, has_eval: bool):
         log_level="error", train_sampling_strategy="sequential", **ddp)
 
 
-def fsdp_arguments() -> dict:
+def fsdp_arguments(offload: bool = False) -> dict:
     """TrainingArguments for FSDP-QLoRA: FSDP2 through accelerate, every decoder block its
     own unit (the model's ``_no_split_modules``), resharded after its forward; the
     adapter's checkpoint saved whole. The model is loaded on the host first
-    (:func:`qplan.runner.child._device_map`) and sharded onto the GPUs as it is wrapped."""
+    (:func:`qplan.runner.child._device_map`) and sharded onto the GPUs as it is wrapped.
+    ``offload``: the shards stay in pinned host memory (FSDP2's ``CPUOffloadPolicy``), each
+    block copied to the GPU when it runs; the optimizer steps on the CPU."""
     return dict(fsdp=True,
                 fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                              "reshard_after_forward": True, "cpu_ram_efficient_loading": False,
-                             "state_dict_type": "FULL_STATE_DICT"})
+                             "state_dict_type": "FULL_STATE_DICT", "cpu_offload": offload})
