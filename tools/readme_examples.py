@@ -27,8 +27,10 @@ WINDOWS: dict[str, list[tuple[str, str | None]]] = {
     "qplan suggest --model llama-3.1-70b --gpu a100-40gb-sxm": [
         (r"^│ optim ", r"^│ +│ +│ .*\)"), (r"^│ gpus ", r"│ per GPU"),
         (r"^Memory per GPU", None)],
-    "qplan suggest --model llama-3.1-70b --gpu rtx-4090": [(r"^needs ", r"not sharded\)"),
-                                                          (r"^Nearest plans", None)],
+    "qplan suggest --model llama-3.1-70b --gpu rtx-4090 --gpus 2 --no-offload-params": [
+        (r"^needs ", r"not sharded\)"), (r"^Nearest plans", None)],
+    "qplan suggest --model llama-3.1-70b --gpu rtx-4090 --gpus 2": [
+        (r"^│ gpus ", r"^└"), (r"^Memory per GPU", None)],
     "qplan check tests/fixtures/ecosystem/axolotl_qlora": [
         (r"^rtx-4090", r"^rtx-4090"), (r"^How qplan reads it", r"^PyTorch's default allocator"),
         (r"^peak ", None)],

@@ -55,20 +55,34 @@ ACCELERATE_CONFIG = "accelerate_config.yaml"
 
 
 def accelerate_config(cfg: TrainConfig) -> str:
-    """accelerate's config file for ``cfg``'s data-parallel processes on one machine (what
-    ``accelerate config`` writes for multi-GPU DDP), with the plan's mixed precision."""
+    """accelerate's config file for ``cfg``'s processes on one machine (what ``accelerate
+    config`` writes), with the plan's mixed precision: multi-GPU DDP, or FSDP2 as qplan run
+    sets it up (every decoder block a unit, resharded after its forward, the model loaded on
+    the host by every process, the full state dict saved; CPU offload of the parameters when
+    the plan has it)."""
     import yaml
 
-    d = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+    fsdp = cfg.strategy == "fsdp"
+    d = {"compute_environment": "LOCAL_MACHINE",
+         "distributed_type": "FSDP" if fsdp else "MULTI_GPU",
          "num_machines": 1, "machine_rank": 0, "num_processes": cfg.gpus, "gpu_ids": "all",
          "mixed_precision": cfg.compute_dtype, "use_cpu": False, "main_training_function": "main",
          "rdzv_backend": "static", "same_network": True}
-    return (f"# accelerate config by qplan: {cfg.gpus} data-parallel processes (DDP), one a GPU\n"
-            + yaml.safe_dump(d, sort_keys=False))
+    if fsdp:
+        d["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True, "fsdp_offload_params": cfg.offload_params,
+            "fsdp_cpu_ram_efficient_loading": False, "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_activation_checkpointing": False}
+        what = (f"{cfg.gpus} process{'es' if cfg.gpus > 1 else ''} of FSDP2, the model sharded"
+                + (", its shards in host memory (CPU offload)" if cfg.offload_params else ""))
+    else:
+        what = f"{cfg.gpus} data-parallel processes (DDP), one a GPU"
+    return f"# accelerate config by qplan: {what}\n" + yaml.safe_dump(d, sort_keys=False)
 
 
 def _launch(fmt: str, cfg: TrainConfig, name: str) -> str | None:
-    if cfg.gpus <= 1:
+    if cfg.gpus <= 1 and cfg.strategy != "fsdp":
         return None
     if fmt == "trl":
         return f"accelerate launch --config_file {ACCELERATE_CONFIG} {name} --data DATA"
@@ -143,20 +157,22 @@ def export(plan, fmt: str, *, profile=None, gpu=None, data: str | None = None,
     profile = profile or api.get_model(plan.model, pm=pm)
     gpu = gpu or api.get_gpu(plan.gpu or "rtx-4090", pm=pm)
     cfg = plan.config
-    if cfg.strategy == "fsdp":
+    fsdp = cfg.strategy == "fsdp"
+    if fsdp and fmt != "trl":
         raise BadInputError(
-            f"this plan shards the model across {cfg.gpus} GPUs (strategy fsdp); qplan export "
-            "writes data-parallel (DDP) files only so far: FSDP-QLoRA also needs the 4-bit "
-            "values stored in the compute dtype (bnb_4bit_quant_storage), FSDP2's accelerate "
-            "settings and torch's AdamW, which the exported files do not carry yet. Train it "
-            "with `qplan run --plan PLAN`, or plan for a card a whole copy fits (qplan "
-            "suggest --strategy ddp)")
-    # the tools' accumulation is per process; the number of processes is the launcher's
-    one = cfg.with_(gpus=1, grad_accum=cfg.grad_accum // cfg.gpus)
+            f"this plan uses FSDP (strategy fsdp{', CPU offload' if cfg.offload_params else ''}); "
+            f"qplan export writes it for trl only so far (a script and accelerate's FSDP2 "
+            f"config): use --format trl, or train it with `qplan run --plan PLAN`")
+    # the tools' accumulation is per process; the number of processes is the launcher's (and
+    # under FSDP the sharding is accelerate's config, not the script's)
+    one = cfg.with_(gpus=1, grad_accum=cfg.grad_accum // cfg.gpus, strategy="ddp",
+                    offload_params=False)
     model = _model_ref(plan, profile)
     if fmt == "trl":
         rendered = TRL.render(one, profile, model=model)
         whys = TRL.unexpressible(one)
+        if fsdp:
+            rendered["fsdp"] = {"offload": cfg.offload_params}
     elif fmt == "axolotl":
         rendered = AX.render(one, profile, model=model)
         rendered["_expandable"] = one.expandable_segments
@@ -165,9 +181,11 @@ def export(plan, fmt: str, *, profile=None, gpu=None, data: str | None = None,
         rendered = LF.render(one, profile, model=model)
         rendered["_expandable"] = one.expandable_segments
         whys = LF.unexpressible(one)
-    realized = _realized(fmt, rendered, profile, f"the exported {fmt} file")
-    if cfg.gpus > 1:  # launched on the plan's GPUs
-        realized = realized.with_(gpus=cfg.gpus, grad_accum=realized.grad_accum * cfg.gpus)
+    realized = _realized(fmt, {k: v for k, v in rendered.items() if k != "fsdp"}, profile,
+                         f"the exported {fmt} file")
+    if cfg.gpus > 1 or fsdp:  # launched on the plan's GPUs (with accelerate's FSDP config)
+        realized = realized.with_(gpus=cfg.gpus, grad_accum=realized.grad_accum * cfg.gpus,
+                                  strategy=cfg.strategy, offload_params=cfg.offload_params)
     gaps = _gaps(plan, profile, gpu, realized, {k: v for k, v in whys.items()
                                                 if k != "expandable_segments"},
                  capacity_bytes, pm)
@@ -178,14 +196,26 @@ def export(plan, fmt: str, *, profile=None, gpu=None, data: str | None = None,
     head = _header(plan, gpu, plan_est, est, gaps, fmt, __version__, whys)
     if launch:  # `qplan check` reads one process's file: said below instead
         head = [h for h in head if not h.startswith("`qplan check` of this file")]
-        ddp = sum(t.bytes for t in est.memory.terms if t.key in ("ddp_buckets", "collective_buffers"))
-        head.append(f"Data-parallel on {cfg.gpus} GPUs (estimates per GPU, speed for all): "
-                    f"gradient_accumulation_steps is per process ({cfg.gpus} x "
-                    f"{cfg.grad_accum // cfg.gpus} = the plan's {cfg.grad_accum}); start it with")
-        head.append(f"  {launch}")
-        head.append(f"(`qplan check` of this file estimates one process: without DDP's buckets "
-                    f"and NCCL's buffers, {gib(ddp)} per GPU, and with {cfg.grad_accum // cfg.gpus} "
-                    "micro-batches a step.)")
+        if fsdp:
+            head.append(f"FSDP2 on {cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''} (estimates per "
+                        "GPU, speed for all), the sharding in "
+                        f"{ACCELERATE_CONFIG}" + (", the weights' shards in host memory "
+                                                  "(CPU offload)" if cfg.offload_params else "")
+                        + f": gradient_accumulation_steps is per process ({cfg.gpus} x "
+                        f"{cfg.grad_accum // cfg.gpus} = the plan's {cfg.grad_accum}); start it with")
+            head.append(f"  {launch}")
+            head.append("(`qplan check` of this file estimates one process holding the whole "
+                        "model: the sharding is the accelerate config's.)")
+        else:
+            ddp = sum(t.bytes for t in est.memory.terms
+                      if t.key in ("ddp_buckets", "collective_buffers"))
+            head.append(f"Data-parallel on {cfg.gpus} GPUs (estimates per GPU, speed for all): "
+                        f"gradient_accumulation_steps is per process ({cfg.gpus} x "
+                        f"{cfg.grad_accum // cfg.gpus} = the plan's {cfg.grad_accum}); start it with")
+            head.append(f"  {launch}")
+            head.append(f"(`qplan check` of this file estimates one process: without DDP's "
+                        f"buckets and NCCL's buffers, {gib(ddp)} per GPU, and with "
+                        f"{cfg.grad_accum // cfg.gpus} micro-batches a step.)")
     if fmt == "trl":
         text = trl_script(rendered, head, gpu=gpu.name, data=data)
     elif fmt == "axolotl":
@@ -279,10 +309,9 @@ def main(argv=None):
 {bnb}    model = AutoModelForCausalLM.from_pretrained(
         MODEL,
 {fp_kwargs}
-        # each process its own GPU (accelerate launch sets LOCAL_RANK; 0 for one process)
-        device_map={{"": int(os.environ.get("LOCAL_RANK", "0"))}} if cuda else None,
+{device_map}
     )
-{prepare}    peft_config = LoraConfig(
+{fsdp_setup}{prepare}    peft_config = LoraConfig(
 {lora_kwargs}
     )
     args = SFTConfig(
@@ -312,6 +341,17 @@ if __name__ == "__main__":
 '''
 
 
+# The exported script under FSDP CPU offload: bitsandbytes' quantization constants are not
+# FSDP parameters; left on the host with the offloaded shards, every dequantization copies
+# them (20% slower in qplan's probe), so they go to this process's GPU (as qplan run does).
+FSDP_OFFLOAD_SETUP = '''    if cuda:  # FSDP CPU offload: the 4-bit layers' constants on this process's GPU
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        for module in model.modules():
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state.to(gpu)
+'''
+
+
 def trl_script(s: dict[str, Any], header: list[str], *, gpu: str, data: str | None) -> str:
     """The sections as a seed-style trl script: BitsAndBytesConfig, from_pretrained,
     prepare_model_for_kbit_training, LoraConfig, SFTConfig, SFTTrainer."""
@@ -320,11 +360,14 @@ def trl_script(s: dict[str, Any], header: list[str], *, gpu: str, data: str | No
     for k, v in (s.get("env") or {}).items():
         env += f"\n# before torch starts: the allocator reads it once\nos.environ.setdefault({k!r}, {v!r})\n"
     q = s.get("quantization_config")
+    fsdp = s.get("fsdp")
+    if q and fsdp:  # FSDP shards the 4-bit values as tensors of the compute dtype
+        q = {**q, "bnb_4bit_quant_storage": q.get("bnb_4bit_compute_dtype", "bfloat16")}
     bnb = ""
     fp = dict(s["from_pretrained"])
     if q:
         bnb = ("    bnb_config = BitsAndBytesConfig(\n"
-               + _kwargs(q, " " * 8, ("bnb_4bit_compute_dtype",)) + "\n    )\n")
+               + _kwargs(q, " " * 8, ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")) + "\n    )\n")
     fp_kwargs = ""
     if q:
         fp_kwargs += " " * 8 + "quantization_config=bnb_config,\n"
@@ -340,7 +383,19 @@ def trl_script(s: dict[str, Any], header: list[str], *, gpu: str, data: str | No
         cpu_only = ("    if not cuda:  # a CPU run (a test): " + " and ".join(gpu_only)
                     + (" need" if len(gpu_only) > 1 else " needs") + " a GPU\n"
                     + "".join(f"        args.{k} = False\n" for k in gpu_only))
+    if fsdp:
+        device_map = ("        # FSDP: every process loads and quantizes the model on the host; "
+                      "accelerate\n        # gives each GPU its shard as it wraps the blocks\n"
+                      "        device_map={\"\": \"cpu\"},")
+    else:
+        device_map = ("        # each process its own GPU (accelerate launch sets LOCAL_RANK; 0 for "
+                      "one process)\n        device_map={\"\": int(os.environ.get(\"LOCAL_RANK\", "
+                      "\"0\"))} if cuda else None,")
+    fsdp_setup = ""
+    if fsdp and fsdp.get("offload"):
+        fsdp_setup = FSDP_OFFLOAD_SETUP
     text = SCRIPT.format(doc=doc, gpu=gpu, env=env, model=s["model"], cpu_only=cpu_only,
+                         device_map=device_map, fsdp_setup=fsdp_setup,
                          prepare_import=", prepare_model_for_kbit_training" if prep is not None else "",
                          bnb_import=", BitsAndBytesConfig" if q else "", bnb=bnb,
                          fp_kwargs=fp_kwargs, prepare=prepare,
