@@ -216,7 +216,7 @@ def create(req: RunRequest, notify: Notify, pm=None) -> tuple[Path, RunState, Ru
                             use_calibration=req.use_calibration)
     cfg = setup.plan.config
     _check_gpus(cfg.gpus, setup.device, cfg.strategy)
-    _check_strategy(cfg.strategy, setup.device)
+    _check_strategy(cfg.strategy, setup.device, cfg.offload_params)
     offline = _go_offline(model.local)
     if offline:
         notes.append("the Hugging Face Hub cannot be reached: using the local hub cache only "
@@ -258,14 +258,17 @@ def _check_gpus(gpus: int, device: str, strategy: str = "ddp") -> None:
                 "to run the processes on the CPU")
 
 
-def _check_strategy(strategy: str, device: str) -> None:
+def _check_strategy(strategy: str, device: str, offload: bool = False) -> None:
     """FSDP shards across CUDA GPUs only: accelerate runs CPU processes data-parallel."""
     if strategy == "fsdp" and device != "cuda":
+        what = ("keeps the weights in host memory for GPUs (strategy fsdp with CPU offload)"
+                if offload else "shards the model across GPUs (strategy fsdp)")
         raise BadInputError(
-            "this plan shards the model across GPUs (strategy fsdp), but the run would be on "
-            "the CPU (--cpu, or no CUDA GPU here), where accelerate runs the processes "
-            "data-parallel only. Run it on a machine with the plan's GPUs, or train on the CPU "
-            "with --strategy ddp (each process holds the whole model)")
+            f"this plan {what}, but the run would be on the CPU (--cpu, or no CUDA GPU "
+            "here), where accelerate runs the processes data-parallel only. Run it on a "
+            "machine with the plan's GPUs, or train on the CPU with --strategy ddp"
+            + (" --no-offload-params" if offload else "") + " (each process holds the whole "
+            "model)")
 
 
 def _default_output(model: str) -> Path:
