@@ -334,6 +334,66 @@ def suggest(model: ModelProfile, gpu: GpuProfile, *, seq_len: int = 2048,
                      extra_reasons=_policy_reasons(policies, best.config))
 
 
+@dataclass(frozen=True)
+class GpuChoice:
+    """:func:`choose_gpus`'s answer: the plan, why this count, and every count considered
+    (count, its plan or None when nothing fits that many)."""
+
+    plan: Plan
+    why: str
+    tried: tuple[tuple[int, Plan | None], ...]
+
+
+def choose_gpus(model: ModelProfile, gpu: GpuProfile, *, max_gpus: int, seq_len: int = 2048,
+                target_effective_batch: int = 16, min_tokens_per_s: float | None = None,
+                fixed: dict[str, Any] | None = None, **kw: Any) -> GpuChoice:
+    """How many of ``max_gpus`` cards to use (``qplan suggest --max-gpus N``): every count the
+    effective batch splits across is planned; plans that keep the weights on the GPUs go
+    before CPU-offloaded ones. Without ``min_tokens_per_s`` the fewest cards that fit; with
+    it, the fewest that reach it, else the fastest (``why`` says so). DoesNotFitError (with
+    the alternatives) when no count fits."""
+    fixed = dict(fixed or {})
+    if "gpus" in fixed:
+        raise BadInputError("--max-gpus chooses the number of GPUs: drop --gpus (or the count "
+                            "in --gpu CARD xN), or drop --max-gpus")
+    if not isinstance(max_gpus, int) or not 1 <= max_gpus <= 64:
+        raise BadInputError(f"--max-gpus must be a whole number from 1 to 64 (got {max_gpus!r})")
+    counts = [n for n in range(1, max_gpus + 1) if target_effective_batch % n == 0]
+    tried: list[tuple[int, Plan | None]] = []
+    for n in counts:
+        try:
+            p = suggest(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
+                        fixed={**fixed, **({"gpus": n} if n > 1 else {})},
+                        find_alternatives=False, **kw)
+        except (DoesNotFitError, BadInputError):  # does not fit, or a fixed batch cannot split
+            p = None
+        tried.append((n, p))
+    fits = [(n, p) for n, p in tried if p is not None]
+    if not fits:  # the refusal for the most cards, with its alternatives
+        suggest(model, gpu, seq_len=seq_len, target_effective_batch=target_effective_batch,
+                fixed={**fixed, **({"gpus": counts[-1]} if counts[-1] > 1 else {})}, **kw)
+        raise AssertionError("unreachable: suggest raised")  # pragma: no cover
+    pool = [x for x in fits if not x[1].config.offload_params] or fits
+    offl = " (with the weights in host memory: no count keeps them on the GPUs)" \
+        if pool[0][1].config.offload_params else ""
+    if min_tokens_per_s is None:
+        n, p = pool[0]
+        why = (f"{n} GPU{'s' if n > 1 else ''}: the fewest of up to {max_gpus} that fit"
+               f"{offl}; --min-tokens-per-s X picks the fewest that reach a speed")
+        return GpuChoice(p, why, tuple(tried))
+    reach = [x for x in pool if x[1].speed.tokens_per_s >= min_tokens_per_s]
+    if reach:
+        n, p = reach[0]
+        why = (f"{n} GPU{'s' if n > 1 else ''}: the fewest of up to {max_gpus} that reach "
+               f"{min_tokens_per_s:,.0f} tokens/s ({p.speed.tokens_per_s:,.0f}){offl}")
+    else:
+        n, p = max(pool, key=lambda x: x[1].speed.tokens_per_s)
+        why = (f"{n} GPU{'s' if n > 1 else ''}: no count up to {max_gpus} reaches "
+               f"{min_tokens_per_s:,.0f} tokens/s; the fastest ({p.speed.tokens_per_s:,.0f})"
+               f"{offl}")
+    return GpuChoice(p, why, tuple(tried))
+
+
 def may_offload(fixed: dict[str, Any]) -> bool:
     """Whether the search may fall back to FSDP with CPU offload of the weights: not when
     the user fixed ``offload_params`` (either way), the data-parallel strategy, kbit

@@ -320,3 +320,67 @@ def test_longest_keeps_the_weights_on_the_gpu_when_it_can():
     assert asked.config.offload_params and asked.config.seq_len >= p.config.seq_len
     big = api.longest_sequence(api.get_model("llama-3.1-70b"), g)
     assert big.config.offload_params and big.config.seq_len >= 2048
+
+
+# --- how many GPUs (--max-gpus) -----------------------------------------------------------------
+def test_max_gpus_takes_the_fewest_that_fit_with_the_weights_on_the_gpus():
+    m, g = api.get_model("llama-3.1-70b"), api.get_gpu("rtx-4090")
+    c = api.choose_gpus(m, g, max_gpus=8, use_calibration=False)
+    assert c.plan.config.gpus == 4 and not c.plan.config.offload_params
+    assert [n for n, _ in c.tried] == [1, 2, 4, 8]  # 3, 5, 6, 7 do not split 16
+    offloaded = dict(c.tried)
+    assert offloaded[1].config.offload_params and offloaded[2].config.offload_params
+    assert "the fewest of up to 8 that fit" in c.why
+    one = api.choose_gpus(api.get_model("llama-3.1-8b"), g, max_gpus=4, use_calibration=False)
+    assert one.plan.config.gpus == 1
+
+
+def test_max_gpus_with_a_speed_takes_the_fewest_that_reach_it():
+    m, g = api.get_model("llama-3.1-8b"), api.get_gpu("rtx-4090")
+    one = api.suggest(m, g, find_alternatives=False, use_calibration=False).speed.tokens_per_s
+    c = api.choose_gpus(m, g, max_gpus=8, min_tokens_per_s=1.5 * one, use_calibration=False)
+    assert c.plan.config.gpus == 2 and c.plan.speed.tokens_per_s >= 1.5 * one
+    far = api.choose_gpus(m, g, max_gpus=2, min_tokens_per_s=100 * one, use_calibration=False)
+    assert far.plan.config.gpus == 2 and "no count up to 2 reaches" in far.why
+
+
+def test_max_gpus_when_nothing_fits_and_bad_combinations():
+    m, g = api.get_model("llama-3.1-405b"), api.get_gpu("rtx-3060")
+    with pytest.raises(DoesNotFitError):
+        api.choose_gpus(m, g, max_gpus=2, seq_len=65536)
+    with pytest.raises(BadInputError, match="drop --gpus"):
+        api.choose_gpus(api.get_model("llama-3.1-8b"), g, max_gpus=2, fixed={"gpus": 2})
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-gpus", "2", "--gpus", "2"], "drop --gpus"),
+    (["--max-gpus", "2", "--gpu", "rtx-4090 x2"], "drop --gpus"),
+    (["--min-tokens-per-s", "1000"], "give --max-gpus"),
+    (["--max-gpus", "2", "--longest"], "--max-gpus and --longest"),
+    (["--max-gpus", "0"], "--max-gpus"),
+    (["--max-gpus", "2", "--min-tokens-per-s", "-5"], "--min-tokens-per-s"),
+])
+def test_max_gpus_bad_input_is_refused(args, needle):
+    from click.testing import CliRunner
+
+    from qplan.cli import cli
+
+    base = ["suggest", "--model", "llama-3.1-8b"]
+    if "--gpu" not in args:
+        base += ["--gpu", "rtx-4090"]
+    r = CliRunner().invoke(cli, base + args)
+    assert r.exit_code == 2 and needle in r.output, r.output
+
+
+def test_max_gpus_json_lists_every_count():
+    from click.testing import CliRunner
+
+    from qplan.cli import cli
+
+    r = CliRunner().invoke(cli, ["suggest", "--model", "llama-3.1-70b", "--gpu", "rtx-4090",
+                                 "--max-gpus", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["settings"]["gpus"] == 4 and d["gpu_choice"]["why"].startswith("4 GPUs")
+    assert [t["gpus"] for t in d["gpu_choice"]["tried"]] == [1, 2, 4]
+    assert d["gpu_choice"]["tried"][0]["offload_params"] is True

@@ -27,6 +27,8 @@ WINDOWS: dict[str, list[tuple[str, str | None]]] = {
     "qplan suggest --model llama-3.1-70b --gpu a100-40gb-sxm": [
         (r"^│ optim ", r"^│ +│ +│ .*\)"), (r"^│ gpus ", r"│ per GPU"),
         (r"^Memory per GPU", None)],
+    "qplan suggest --model llama-3.1-70b --gpu rtx-4090 --max-gpus": [
+        (r"^note: \d+ GPUs: the fewest", r"^note: 8 GPUs")],
     "qplan suggest --model llama-3.1-70b --gpu rtx-4090 --gpus 2 --no-offload-params": [
         (r"^needs ", r"not sharded\)"), (r"^Nearest plans", None)],
     "qplan suggest --model llama-3.1-70b --gpu rtx-4090 --gpus 2": [

@@ -119,6 +119,11 @@ SUGGEST_EXAMPLES = examples(
 @click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True, help="epochs, for the wall-time estimate")
 @click.option("--longest", is_flag=True, help="find the longest sequence that fits instead")
+@click.option("--max-gpus", type=click.IntRange(min=1, max=64), help="choose how many of up to "
+              "N such cards to use: the fewest that fit (weights on the GPUs first), or with "
+              "--min-tokens-per-s the fewest that reach that speed")
+@click.option("--min-tokens-per-s", type=FiniteFloat(min=0, min_open=True),
+              help="with --max-gpus: the speed to reach (tokens/s over all the GPUs)")
 @click.option("--save", type=click.Path(path_type=Path), help="write the plan as YAML for "
               "`qplan run --plan` and for editing")
 @click.option("--plot", type=click.Path(path_type=Path), help="also draw peak memory against "
@@ -128,7 +133,8 @@ SUGGEST_EXAMPLES = examples(
 @handles_errors
 def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | None,
             target_batch: int, data: Path | None, tokens: int | None, epochs: float,
-            longest: bool, save: Path | None, plot: Path | None, calibration: bool,
+            longest: bool, max_gpus: int | None, min_tokens_per_s: float | None,
+            save: Path | None, plot: Path | None, calibration: bool,
             as_json: bool, **knobs: Any) -> None:
     """Suggest the fastest QLoRA settings that fit a GPU.
 
@@ -150,17 +156,41 @@ def suggest(model: str, gpu: str | None, vram: float | None, reserve: float | No
         raise BadInputError("--longest searches the sequence length; drop --seq or --longest")
     if data is not None and tokens is not None:
         raise BadInputError("give --data FILE or --tokens N, not both")
+    if min_tokens_per_s is not None and max_gpus is None:
+        raise BadInputError("--min-tokens-per-s chooses the number of GPUs: give --max-gpus N "
+                            "(the most you have) with it")
+    if max_gpus is not None and longest:
+        raise BadInputError("--max-gpus and --longest each search one thing: give --gpus N with "
+                            "--longest, or --seq with --max-gpus")
     if save is not None:
         writable_file(save, "--save")
     m = api.get_model(model)
     t = resolve_target(gpu, vram, reserve, allow_count=True)
     api.gpus_from_card(fixed, t.count, gpu)
     api.check_fixed(m, fixed)
-    plan = _plan(m, t, fixed, model, seq, target_batch, longest, calibration)
+    choice = None
+    if max_gpus is not None:
+        choice = _choose_gpus(m, t, fixed, model, seq, target_batch, max_gpus,
+                              min_tokens_per_s, calibration)
+        plan = choice.plan
+    else:
+        plan = _plan(m, t, fixed, model, seq, target_batch, longest, calibration)
     d = render.estimate_dict("suggest", m, t.gpu, plan.config, plan.memory, plan.speed,
                              usable_bytes=usable_bytes(t.gpu, t.capacity_bytes, t.reserve_bytes),
                              notes=t.notes + model_notes(m))
     d["gpu_detected"] = t.detected
+    d["gpu_choice"] = None
+    if choice is not None:
+        d["gpu_choice"] = {"why": choice.why, "tried": [
+            {"gpus": n, "fits": p is not None,
+             **({"tokens_per_s": round(p.speed.tokens_per_s, 1), "peak_gib": round(p.peak_gib, 3),
+                 "strategy": p.config.strategy, "offload_params": p.config.offload_params}
+                if p is not None else {})} for n, p in choice.tried]}
+        d["notes"] = list(d.get("notes") or []) + [choice.why] + [
+            f"{n} GPU{'s' if n > 1 else ''}: "
+            + (f"{p.speed.tokens_per_s:,.0f} tokens/s, {p.peak_gib:.1f} GiB per GPU "
+               f"({p.config.strategy}{', CPU offload' if p.config.offload_params else ''})"
+               if p is not None else "does not fit") for n, p in choice.tried]
     why, rest = why_by_setting(plan.reasons, fixed, _seq_why(longest, seq is not None))
     d["plan"] = render.plan_dict(plan, why)
     d["dataset"] = _dataset(data, tokens, epochs, plan.config.seq_len)
@@ -202,6 +232,20 @@ def _plan(m, t, fixed: dict[str, Any], model: str, seq: int | None, target: int,
         return dataclasses.replace(api.longest_sequence(m, t.gpu, **common), model=ref)
     return api.suggest(m, t.gpu, seq_len=seq or _api_default("suggest", "seq_len"),
                        model_ref=ref, **common)
+
+
+def _choose_gpus(m, t, fixed: dict[str, Any], model: str, seq: int | None, target: int,
+                 max_gpus: int, min_tokens_per_s: float | None, use_calibration: bool = True):
+    """``qplan suggest --max-gpus N``: :func:`qplan.api.choose_gpus` for this target."""
+    from qplan import api
+
+    return api.choose_gpus(m, t.gpu, max_gpus=max_gpus, min_tokens_per_s=min_tokens_per_s,
+                           seq_len=seq or _api_default("suggest", "seq_len"),
+                           target_effective_batch=target, fixed=fixed,
+                           capacity_bytes=t.capacity_bytes, reserve_bytes=t.reserve_bytes,
+                           flash_attn_available=t.flash_attn_available,
+                           host_ram_bytes=t.host_ram_bytes, use_calibration=use_calibration,
+                           model_ref=api.model_ref(model, m))
 
 
 def _dataset(data: Path | None, tokens: int | None, epochs: float, seq_len: int):
