@@ -50,8 +50,7 @@ def memory_dict(mem, *, usable_bytes: int | None = None) -> dict[str, Any]:
 def _host_pinned_for(cfg) -> list[str]:
     """What the configuration keeps in pinned host memory."""
     return [w for w, on in (
-        ("offloaded weights, adapters and optimizer states",
-         cfg.strategy == "fsdp" and cfg.offload_params),
+        ("offloaded weights, adapters and optimizer states", cfg.offload_params),
         ("CPU embeddings", cfg.embed_on_cpu),
         ("offloaded activations", cfg.offload_activations and cfg.grad_ckpt)) if on]
 

@@ -130,8 +130,9 @@ def _sharded(cfg: TrainConfig) -> int:
 
 
 def params_offloaded(cfg: TrainConfig) -> bool:
-    """FSDP with CPU offload: the shards live in host memory, not on the GPU."""
-    return cfg.strategy == "fsdp" and cfg.offload_params
+    """FSDP with CPU offload: the shards live in host memory, not on the GPU
+    (TrainConfig refuses ``offload_params`` without strategy fsdp)."""
+    return cfg.offload_params
 
 
 def offloaded_host_bytes(model: ModelProfile, cfg: TrainConfig) -> int:

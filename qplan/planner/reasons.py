@@ -105,7 +105,7 @@ def plan_reasons(model: ModelProfile, gpu: GpuProfile, cfg: TrainConfig,
 
 
 def _gpus(cfg: TrainConfig, gpu: GpuProfile) -> list[Reason]:
-    if cfg.strategy == "fsdp" and cfg.offload_params:
+    if cfg.offload_params:
         if cfg.gpus > 1:
             how = (f"{cfg.gpus} GPUs, fully sharded (FSDP): each process holds 1/{cfg.gpus} of "
                    f"the 4-bit weights, embeddings, adapters and optimizer states and gathers "

@@ -198,6 +198,18 @@ def allreduce_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float
     return buckets * C.ALLREDUCE_LATENCY_S + 2 * (n - 1) / n * grad / (link.gbs * 1e9 * eff)
 
 
+def fsdp_micro_batch_bytes(model: ModelProfile, cfg: TrainConfig) -> float:
+    """Under FSDP, the weights and gradients one micro-batch moves, whole (before any split
+    across the GPUs): every block's gathered weights twice (forward, and backward, where a
+    checkpointed block's recompute reuses that gather), the embeddings and output layer
+    once, the float32 LoRA gradients once."""
+    from qplan.planner.memory import gathered_blocks_bytes, lora_param_count
+
+    return (2 * gathered_blocks_bytes(model, cfg)
+            + 2 * (model.embedding_params + model.lm_head_params)
+            + 4 * lora_param_count(model, cfg))
+
+
 def fsdp_gather_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> float:
     """Under FSDP, per micro-batch: the collectives' time over the link between the cards.
     Every block's weights are gathered twice (forward, and backward, where a checkpointed
@@ -209,16 +221,11 @@ def fsdp_gather_s(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> flo
     n = cfg.gpus
     if n <= 1 or cfg.strategy != "fsdp":
         return 0.0
-    from qplan.planner.memory import gathered_blocks_bytes, lora_param_count
-
-    blocks = gathered_blocks_bytes(model, cfg)
-    head = 2 * (model.embedding_params + model.lm_head_params)
-    grads = 4 * lora_param_count(model, cfg)
     link = gpu.link
     eff = C.ALLREDUCE_EFFICIENCY["nvlink" if link.nvlink else "pcie"]
     calls = 3 * model.num_hidden_layers + 2
     return (calls * C.ALLREDUCE_LATENCY_S
-            + (n - 1) / n * (2 * blocks + head + grads) / (link.gbs * 1e9 * eff))
+            + (n - 1) / n * fsdp_micro_batch_bytes(model, cfg) / (link.gbs * 1e9 * eff))
 
 
 def offload_copy_s(model: ModelProfile, cfg: TrainConfig) -> float:
@@ -228,14 +235,11 @@ def offload_copy_s(model: ModelProfile, cfg: TrainConfig) -> float:
     :data:`calibration.PCIE_GBS`. FSDP copies a block's shard as it gathers it, ahead of
     the block's compute, so :func:`estimate_speed` counts it with the gathers (hidden
     behind a long enough micro-batch)."""
-    from qplan.planner.memory import gathered_blocks_bytes, lora_param_count, params_offloaded
+    from qplan.planner.memory import params_offloaded
 
     if not params_offloaded(cfg):
         return 0.0
-    blocks = gathered_blocks_bytes(model, cfg)
-    head = 2 * (model.embedding_params + model.lm_head_params)
-    grads = 4 * lora_param_count(model, cfg)
-    return (2 * blocks + head + grads) / cfg.gpus / (C.PCIE_GBS * 1e9)
+    return fsdp_micro_batch_bytes(model, cfg) / cfg.gpus / (C.PCIE_GBS * 1e9)
 
 
 def offload_block_s(model: ModelProfile, cfg: TrainConfig) -> float:

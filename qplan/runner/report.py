@@ -86,7 +86,7 @@ def settings_line(cfg: TrainConfig) -> str:
         parts.append("activation offload")
     if cfg.gpus > 1 or cfg.strategy == "fsdp":
         parts.append(f"{cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''} {cfg.strategy}")
-    if cfg.strategy == "fsdp" and cfg.offload_params:
+    if cfg.offload_params:
         parts.append("weights offloaded to the CPU")
     return ", ".join(parts)
 
