@@ -154,7 +154,8 @@ def undo_techniques(model) -> None:
 
 
 def time_config(model, profile, cfg, steps: int, warmup: int, device: str,
-                cleanup: bool = True) -> tuple[dict, object]:
+                cleanup: bool = True, accum: int = 1) -> tuple[dict, object]:
+    """Time ``steps`` optimizer steps (after ``warmup``) of ``accum`` micro-batches each."""
     import torch
 
     from qplan.runner import techniques as T
@@ -173,16 +174,19 @@ def time_config(model, profile, cfg, steps: int, warmup: int, device: str,
         for i in range(warmup + steps):
             if device == "cuda" and i == warmup:
                 retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0))
-            ids = torch.randint(0, v, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
-            pos = None
-            if cfg.packed_rows:  # two examples a row, as qplan run's packed rows
-                half = cfg.seq_len // 2
-                pos = torch.cat([torch.arange(half), torch.arange(cfg.seq_len - half)]
-                                ).expand(cfg.batch_size, -1).to(device)
+            micro = []
+            for _ in range(accum):
+                ids = torch.randint(0, v, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
+                pos = None
+                if cfg.packed_rows:  # two examples a row, as qplan run's packed rows
+                    half = cfg.seq_len // 2
+                    pos = torch.cat([torch.arange(half), torch.arange(cfg.seq_len - half)]
+                                    ).expand(cfg.batch_size, -1).to(device)
+                micro.append((ids, ids, pos) if pos is not None else (ids, ids))
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            T.train_step(peft_model, opt, cfg, [(ids, ids, pos)] if pos is not None else [(ids, ids)])
+            T.train_step(peft_model, opt, cfg, micro)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -190,7 +194,8 @@ def time_config(model, profile, cfg, steps: int, warmup: int, device: str,
     except Exception as e:  # noqa: BLE001 - an OOM under the cap is a finding
         status, err = ("oom" if "out of memory" in str(e).lower() else "error"), str(e)[:300]
     rec = {"status": status, "error": err, "step_s": [round(t, 5) for t in times],
-           "tokens_per_s": (cfg.batch_size * cfg.seq_len / statistics.median(times)) if times else None}
+           "accum": accum, "tokens_per_s": (accum * cfg.batch_size * cfg.seq_len
+                                            / statistics.median(times)) if times else None}
     if device == "cuda":
         rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         rec["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -343,7 +348,8 @@ def repeat_items(name_or_file: str, small: bool) -> list[dict]:
             cap_gib = cap
         out.append({"name": it["name"], "model": it["model"],
                     "layers": 2 if small else it.get("layers"), "settings": cfg.to_dict(),
-                    "cap": cap, "cap_gib": cap_gib, "tier": it.get("tier", 1)})
+                    "cap": cap, "cap_gib": cap_gib, "tier": it.get("tier", 1),
+                    "accum": int(it.get("accum", 1))})
     names = [x["name"] for x in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"repeat set {name_or_file}: item names repeat")
@@ -386,7 +392,7 @@ def fresh_child(spec: dict, out_path: str, device: str) -> None:
     model = T.load_model(spec["path"], cfg, device_map={"": 0} if device == "cuda" else None)
     t_loaded = time.time()
     rec, _ = time_config(model, profile, cfg, spec["steps"], spec["warmup"], device,
-                         cleanup=False)
+                         cleanup=False, accum=int(spec.get("accum", 1)))
     if rec["step_s"]:
         rec["median_step_s"] = round(statistics.median(rec["step_s"]), 5)
     import bitsandbytes

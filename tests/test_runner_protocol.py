@@ -163,3 +163,56 @@ def test_a_transformers_without_them_is_refused_before_training(monkeypatch):
     monkeypatch.delattr(Trainer, "_save_rng_state")
     with pytest.raises(RunError, match="lacks what qplan's runner uses: Trainer._save_rng_state"):
         check()
+
+
+# ---- the speed prediction set against the measured one ----------------------------------
+def _run_on(monkeypatch, device: str, planned: str, detected: str | None):
+    """A Run planned for ``planned`` whose machine detects ``detected`` (None: no GPU)."""
+    import types
+
+    from qplan import api
+    from qplan.runner import planning
+    from qplan.runner import run as run_mod
+
+    fake = None if detected is None else types.SimpleNamespace(
+        name=detected, profile=api.get_gpu(detected))
+    monkeypatch.setattr(planning, "_detected", lambda cpu, pm=None: None if cpu else fake)
+    state = rundir.RunState(
+        request=RunRequest(model="llama-3.1-8b", data="d.jsonl", use_calibration=False),
+        model="llama-3.1-8b", model_path="llama-3.1-8b", model_ref="llama-3.1-8b",
+        settings=TrainConfig(seq_len=2048, batch_size=1, grad_accum=16), effective_batch=16,
+        total_steps=10, save_steps=2, eval_steps=2, warmup_steps=1, device=device,
+        device_name=detected or "CPU", planned_for=planned, data={"rows": 20})
+    from pathlib import Path
+
+    return run_mod._context(Path("/nonexistent"), state, state.request, None, print, None)
+
+
+def test_simulated_card_predicts_the_speed_of_the_gpu_that_trains(monkeypatch):
+    """Under --simulate-gpu the settings are the card's but the steps run on the real GPU:
+    the prediction set against them is the real GPU's (an rtx-4060's would be ~6x low)."""
+    from qplan import api
+    from qplan.planner.speed import estimate_speed
+    from qplan.runner import run as run_mod
+
+    r = _run_on(monkeypatch, "cuda", planned="rtx-4060", detected="h200")
+    assert r.runs_on is not None and r.runs_on.name == "h200"
+    got = run_mod.predicted_speed(r, r.cfg)
+    cfg = r.cfg
+    h200 = estimate_speed(r.profile, cfg, api.get_gpu("h200")).tokens_per_s
+    card = estimate_speed(r.profile, cfg, api.get_gpu("rtx-4060")).tokens_per_s
+    assert got == pytest.approx(h200, rel=1e-3)
+    assert got > 2 * card
+
+
+def test_same_card_and_cpu_predictions(monkeypatch):
+    from qplan import api
+    from qplan.planner.speed import estimate_speed
+    from qplan.runner import run as run_mod
+
+    r = _run_on(monkeypatch, "cuda", planned="h200", detected="h200")
+    assert r.runs_on is None
+    assert run_mod.predicted_speed(r, r.cfg) == pytest.approx(
+        estimate_speed(r.profile, r.cfg, api.get_gpu("h200")).tokens_per_s, rel=1e-3)
+    r = _run_on(monkeypatch, "cpu", planned="rtx-4090", detected=None)
+    assert r.runs_on is None and run_mod.predicted_speed(r, r.cfg) is None

@@ -137,7 +137,8 @@ def _head(r: RunReport) -> list[str]:
     if r.simulated:
         lines.append(f"- simulated {r.simulated.name}: allocator capped at "
                      f"{r.simulated.cap_bytes / 2**30:.2f} GiB (speed, bandwidth and "
-                     "paged-optimizer memory are not simulated)")
+                     "paged-optimizer memory are not simulated: the predicted tokens/s are "
+                     "for the GPU that trained)")
     d = r.data
     if d:
         lines.append(f"- data: {d.get('records')} {d.get('format')} records, {d.get('examples')} "

@@ -88,6 +88,10 @@ class Run:
     notify: Notify
     pm: object = None
     child_stdout: int | None = None  # where the training process prints (None: inherited)
+    # the profile of the GPU the run trains on, when not the one planned for (--simulate-gpu,
+    # or --gpu naming another card): the speed prediction set against the measured one is
+    # for the GPU that runs, with the plan's settings
+    runs_on: GpuProfile | None = None
 
     @property
     def cfg(self) -> TrainConfig:
@@ -137,7 +141,21 @@ def _context(run_dir: Path, state: RunState, req: RunRequest, lock: RunLock, not
              pm) -> Run:
     profile = api.get_model(state.model_ref, pm=pm)
     gpu = api.get_gpu(state.planned_for, pm=pm)
-    return Run(run_dir, state, req, profile, gpu, lock, notify, pm)
+    return Run(run_dir, state, req, profile, gpu, lock, notify, pm,
+               runs_on=_runs_on(state, gpu, pm))
+
+
+def _runs_on(state: RunState, gpu: GpuProfile, pm) -> GpuProfile | None:
+    """The detected GPU's profile when it is not ``gpu``, the card planned for (None on the
+    CPU, or when they are the same)."""
+    from qplan.runner.planning import _detected
+
+    if state.device != "cuda":
+        return None
+    detected = _detected(False, pm)
+    if detected is None or detected.profile.name == gpu.name:
+        return None
+    return detected.profile
 
 
 # ---------------------------------------------------------------------------
@@ -173,13 +191,24 @@ def rows_as_run(cfg: TrainConfig, data: dict | None) -> TrainConfig:
     return cfg
 
 
-def _estimate(r: Run, cfg: TrainConfig):
-    """The planner's estimate of ``cfg`` for this run's rows (None when it cannot make one)."""
+def _estimate(r: Run, cfg: TrainConfig, gpu: GpuProfile | None = None):
+    """The planner's estimate of ``cfg`` for this run's rows on ``gpu`` (default: the card
+    planned for); None when it cannot make one."""
     cfg = rows_as_run(cfg, r.state.data)
     try:
-        return api.estimate(r.profile, r.gpu, cfg, pm=r.pm, use_calibration=r.req.use_calibration)
+        return api.estimate(r.profile, gpu or r.gpu, cfg, pm=r.pm,
+                            use_calibration=r.req.use_calibration)
     except QplanError:
         return None
+
+
+def predicted_speed(r: Run, cfg: TrainConfig) -> float | None:
+    """The speed model's steady-state tokens/s of ``cfg`` on the GPU that trains (under
+    --simulate-gpu the real GPU's rates, not the simulated card's); None on the CPU."""
+    if r.state.device != "cuda":
+        return None
+    est = _estimate(r, cfg, r.runs_on) if r.runs_on is not None else _estimate(r, cfg)
+    return round(est.speed.tokens_per_s, 1) if est and est.speed else None
 
 
 def _calibrate(r: Run, rec: rundir.AttemptRecord) -> None:
@@ -234,9 +263,8 @@ def _next_spec(r: Run, history: list[rundir.AttemptRecord]) -> P.AttemptSpec:
         resumed_from=CK.step_of(last) if last else 0, load_optimizer=load_opt, device=s.device,
         progress=q.progress, simulate=s.simulate, change=s.next_change,
         estimated_peak_gib=round(est.memory.peak_gib, 3) if est else None,
-        # the speed model predicts a GPU: none on CPU
-        predicted_tokens_per_s=(round(est.speed.tokens_per_s, 1)
-                                if est and s.device == "cuda" else None),
+        # the speed model predicts a GPU: none on CPU; for the GPU that trains
+        predicted_tokens_per_s=predicted_speed(r, r.cfg),
         replan_above_gib=(round(est.memory.peak_gib + est.memory.band_gib, 3)
                           if est and s.device == "cuda" else None),
         world_size=_world_size(r))

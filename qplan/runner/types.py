@@ -113,7 +113,7 @@ class AttemptReport:
     measured: Measured | None = None
     tokens_per_s: float | None = None
     steady_tokens_per_s: float | None = None  # without the attempt's first (warm-up) step
-    predicted_tokens_per_s: float | None = None  # the speed model, for the GPU planned for
+    predicted_tokens_per_s: float | None = None  # the speed model, for the GPU that trains
     steps_done: int = 0  # optimizer steps this attempt completed
     last_step: int = 0  # the run's step count when it ended
     ended: str = ""  # ok / oom / killed / interrupted / error
