@@ -135,6 +135,29 @@ def items() -> list[dict]:
     return out
 
 
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """The items file kept as measured: ``old`` items unchanged, and each ``new`` item whose
+    settings no old item of its part, model and card has (the search chose differently after
+    a change to the model) added under a fresh name (``...:v2``)."""
+    out = list(old)
+    for it in new:
+        same = [o for o in old if o["part"] == it["part"] and o["model"] == it["model"]
+                and o.get("pair") == it.get("pair") and o.get("plan_for") == it.get("plan_for")]
+        if any(o["settings"] == it["settings"] for o in same):
+            continue
+        if it["part"] == "rank" and same:  # a pair's list: only the new chosen plan
+            if not it.get("chosen"):
+                continue
+            for o in same:
+                o["chosen"] = False
+        names = {o["name"] for o in out}
+        k = 2
+        while f"{it['name']}:v{k}" in names:
+            k += 1
+        out.append({**it, "name": f"{it['name']}:v{k}" if it["name"] in names else it["name"]})
+    return out
+
+
 def profile_of(model: str, layers):
     m = api.get_model(model)
     return dataclasses.replace(m, num_hidden_layers=int(layers)) if layers else m
@@ -263,7 +286,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="--report: to results/speed_check.md")
     a = ap.parse_args()
     if a.items:
-        its = items()
+        its = merged(json.loads(Path(a.items).read_text()) if Path(a.items).exists() else [],
+                     items())
         Path(a.items).write_text(json.dumps(its, indent=1) + "\n")
         for it in its:
             print(it["name"], _plan(it["settings"]), "chosen" if it.get("chosen") else "",

@@ -66,6 +66,16 @@ def assert_within_one_ulp(a, b):
 def small_rows(monkeypatch):
     """Seven rows per slice, so every test tensor is cut into several ragged slices."""
     monkeypatch.setattr(lowmem, "NORM_ROWS", 7)
+    monkeypatch.setattr(lowmem, "NORM_ELEMENTS", 0)
+
+
+def test_narrow_norms_take_more_rows_a_slice():
+    """A per-head q/k norm (128 wide) is sliced by elements, not 4,096 rows: a Qwen3 q norm
+    of 16k tokens x 32 heads is 4 slices, not 128; 4,096-wide and wider norms keep 4,096."""
+    assert lowmem.norm_slice_rows(4096) == 4096 and lowmem.norm_slice_rows(5120) == 4096
+    assert lowmem.norm_slice_rows(128) == 4096 * 32
+    assert -(-16384 * 32 // lowmem.norm_slice_rows(128)) == 4
+    assert all(lowmem.norm_slice_rows(w) * w <= lowmem.NORM_ELEMENTS for w in (64, 128, 256, 576))
 
 
 def _norm_class(module: str, name: str):

@@ -102,7 +102,12 @@ ALLOC_FIXED_DEFAULT_GIB = 0.7
 # benchmarks/results/raw/h200_e2e3.jsonl), rounded up. See memory.eager_scores_shortfall.
 EAGER_SCORES_EXTRA_BYTES = 4.0
 EAGER_ATTENTION_EFFICIENCY = 0.5  # eager attention relative to the fused kernel (not measured)
-CHUNK_S = 0.0001  # per tiled-MLP chunk and block, forward and backward
+# per slice of a lean RMSNorm (recompute_norms), forward or backward: host time of its ~10
+# small kernels. From Qwen3-4B, 2048 x 8, checkpointing, fused loss, under an rtx-4070's cap
+# on the H200 (benchmarks/results/speed_check.md), each in a fresh process: 9,090 tok/s
+# without lean norms, 4,914 with them when the per-head q/k norms ran 4,096 rows a slice
+# (18,144 slices a micro-batch): 1.53 s / 18,144 = 84 us a slice
+LEAN_NORM_SLICE_S = 84e-6
 STEP_FIXED_S = 0.02  # per optimizer step: the optimizer's launches and the runner's own work
 OPTIMIZER_BYTES_PER_PARAM = 16.0  # 8-bit AdamW's traffic per LoRA parameter
 PCIE_GBS = 20.0  # offloaded activations to pinned host memory and back

@@ -283,6 +283,20 @@ def speed_uncertainty(gpu: GpuProfile) -> tuple[float, str]:
         "datasheet rates (tensor TFLOPS, memory bandwidth); fixed costs as measured there")
 
 
+def tiled_linear_passes(model: ModelProfile, cfg: TrainConfig) -> int:
+    """With a tiled MLP (``mlp_chunk`` shorter than the sequence), the MLP's linear layers run
+    once per chunk in every pass, and once more per chunk in backward (each chunk is
+    recomputed there, :class:`qplan.runner.lowmem.TiledMLP`): the passes over them beyond the
+    untiled ones, counted like the other LoRA-wrapped linears' (the same launches and Python
+    a call; its FLOPs are in :func:`matmul_flops`)."""
+    if not (cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk):
+        return 0
+    chunks = -(-cfg.seq_len // cfg.mlp_chunk)
+    mlp = sum(1 for s in model.linear_shapes() if s.name in ("gate", "up", "down", "gate_up"))
+    extra = chunks * (_passes(cfg) + 1) - _passes(cfg)
+    return extra * mlp * model.num_hidden_layers
+
+
 def quantized_linears(model: ModelProfile) -> int:
     """Weight matrices per block (each a bitsandbytes layer with its own launches)."""
     return len(model.linear_shapes())
@@ -323,19 +337,45 @@ def speed_features(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> di
         "dequant": dequant_bytes(model, cfg) / bw,
         "attention": att,  # a masked kernel's work counts every product (no faster)
         "activations": activation_bytes(model, cfg) / bw,
-        "linear_passes": float(passes * quantized_linears(model)),
+        "linear_passes": float(passes * quantized_linears(model) + tiled_linear_passes(model, cfg)),
         "loss_chunks": float(loss_chunks(model, cfg)),
         "norm_passes": float(norm_passes(model, cfg)),
         "micro_batch": 1.0,
     }
 
 
+def lean_norm_slices(model: ModelProfile, cfg: TrainConfig) -> int:
+    """With ``recompute_norms``, the slices the lean RMSNorms run in one micro-batch: each
+    norm works through its rows a slice at a time (:func:`qplan.runner.lowmem.norm_slice_rows`:
+    4,096 rows of a norm 4,096 wide or wider, more rows of a narrower one, up to the same
+    elements), in every forward (twice with checkpointing) and in backward; each slice is a
+    handful of small kernels, host-bound like the launches. The norms: a block's own
+    (:attr:`ModelProfile.norms_per_layer`) and the q/k norms, per head (Qwen3, Gemma 3: rows =
+    tokens x heads) or over the whole q and k widths (OLMo 2)."""
+    if not cfg.recompute_norms:
+        return 0
+    from qplan.runner.lowmem import norm_slice_rows  # plain Python: no torch at import
+
+    t = _tokens(cfg)
+
+    def slices(rows: int, width: int) -> int:
+        return -(-rows // norm_slice_rows(width))
+
+    per_block = model.norms_per_layer * slices(t, model.hidden_size)
+    if model.model_type in ("qwen3", "gemma3", "gemma3_text"):
+        per_block += (slices(t * model.num_attention_heads, model.head_size)
+                      + slices(t * model.num_key_value_heads, model.head_size))
+    elif model.model_type == "olmo2":
+        per_block += slices(t, model.q_size) + slices(t, model.kv_size)
+    calls = (2 if cfg.grad_ckpt else 1) + 1  # forward(s) and backward
+    return per_block * calls * model.num_hidden_layers
+
+
 def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
-    """Fixed costs not in the fit (too few measured points to separate them): tiled-MLP
-    chunks, from the initial per-chunk guess of :mod:`.calibration`."""
-    if cfg.mlp_chunk and cfg.seq_len > cfg.mlp_chunk:
-        return C.CHUNK_S * -(-cfg.seq_len // cfg.mlp_chunk) * model.num_hidden_layers * 2
-    return 0.0
+    """Host-side fixed costs not in the fit (too few measured points to separate them): the
+    lean norms' slices (:func:`lean_norm_slices`, :data:`calibration.LEAN_NORM_SLICE_S`,
+    measured). (A tiled MLP's chunks are LoRA-linear passes: :func:`tiled_linear_passes`.)"""
+    return lean_norm_slices(model, cfg) * C.LEAN_NORM_SLICE_S
 
 
 def overlapped(gpu_s: float, host_s: float, overlap: float) -> float:
