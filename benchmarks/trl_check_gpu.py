@@ -164,9 +164,25 @@ def train(config: Path, data: Path, out: Path, steps: int, cpu: bool) -> dict:
                          processing_class=AutoTokenizer.from_pretrained(s["model"]),
                          train_dataset=load_dataset("json", data_files=str(data), split="train"))
     load_s = time.time() - t0
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class StepTimes(TrainerCallback):  # the wall time at each optimizer step's end
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    trainer.add_callback(StepTimes())
     t1 = time.time()
+    start = time.perf_counter()
     trainer.train()
     train_s = time.time() - t1
+    step_s = [b - a for a, b in zip([start] + ends, ends)]
+    rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steady = step_s[1:]  # without the first (warm-up) step
+    import statistics
     monitor.stop()
     mem = monitor.report()
     if dataclasses.is_dataclass(mem):
@@ -174,6 +190,9 @@ def train(config: Path, data: Path, out: Path, steps: int, cpu: bool) -> dict:
     lengths = [len(x) for x in trainer.train_dataset["input_ids"][:8]]
     return {"memory": mem, "steps": trainer.state.global_step, "load_s": round(load_s, 1),
             "train_s": round(train_s, 1), "example_lengths": lengths,
+            "step_s": [round(x, 4) for x in step_s],
+            "steady_tokens_per_s": (round(rows * args.max_length / statistics.median(steady), 1)
+                                    if steady else None),
             "losses": [round(float(h["loss"]), 4) for h in trainer.state.log_history if "loss" in h],
             "device": "cuda" if cuda else "cpu"}
 

@@ -5,6 +5,7 @@
 # each configuration in its own fresh process (speed_grid.py --repeat). Writes under $OUT:
 # h200_speed_check_<call>_{a,b}.jsonl and their logs. Run from the repository root after
 # installing the wheels (PYTHONPATH set). Usage: [A=models,of,half,a] [REDO=items] [SKIP=items]
+# [HALVES='a b'] [TIMES=1]
 # speed_check.sh CALL [DEADLINE_S]; call c1 ran 3 warm-up and 6 timed steps (STEPS=6 WARMUP=3)
 set -u
 OUT=${OUT:?}
@@ -32,10 +33,10 @@ for name, part in (("a", a), ("b", b)):
     json.dump(part, open(f"/tmp/speed_check_{name}.json", "w"))
     print(name, len(part), "items:", " ".join(i["name"] for i in part))
 PY
-for h in a b; do
+for h in ${HALVES:-a b}; do
   gpu=$([ $h = a ] && echo 0 || echo 1)
   CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/speed_grid.py --repeat /tmp/speed_check_$h.json \
-    --times 1 --steps ${STEPS:-4} --warmup ${WARMUP:-2} --deadline $DEADLINE \
+    --times ${TIMES:-1} --steps ${STEPS:-4} --warmup ${WARMUP:-2} --deadline $DEADLINE \
     --out $OUT/h200_speed_check_${CALL}_$h.jsonl --log $OUT/log_${CALL}_$h.txt > /dev/null 2>&1 &
 done
 wait
