@@ -66,6 +66,37 @@ def load(paths=RAW) -> list[dict]:
     return rows
 
 
+def load_fresh() -> list[dict]:
+    """The plans of ``benchmarks/speed_check.py`` (held-out models' chosen plans and the
+    ranking pairs' candidates, each timed in its own fresh process, ``accum`` micro-batches
+    and an optimizer step a timed step), as fit rows: per micro-batch, with the optimizer's
+    time shared over the step's micro-batches. The seeds' items (kbit, dropout) are left out."""
+    import speed_check as K
+
+    gpu = api.get_gpu("h200")
+    by = K.load()
+    rows = []
+    for it in json.loads(K.ITEMS.read_text()):
+        m = K._median(by.get(it["name"], []))
+        if it["part"] == "seeds" or not m:
+            continue
+        prof = K.profile_of(it["model"], it["layers"])
+        acc = int(it["accum"])
+        cfg = TrainConfig.from_dict(it["settings"]).with_(grad_accum=acc)
+        rows.append(dict(tag="fresh", part=it["part"], name=it["name"], model=it["model"],
+                         layers=it["layers"], cfg=cfg, profile=prof,
+                         feats=S.speed_features(prof, cfg, gpu), tr=S.transfer_s(prof, cfg, gpu),
+                         fixed=S._fixed_s(prof, cfg), opt=S.optimizer_s(prof, cfg, gpu) / acc,
+                         step_s=cfg.tokens_per_step / m / acc, chosen=it.get("chosen", False),
+                         measured=m, processes=len(by[it["name"]])))
+    return rows
+
+
+def all_rows() -> list[dict]:
+    """What the fit reads: the grid (and the old ranking rows it reports) and the fresh rows."""
+    return load() + load_fresh()
+
+
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact non-negative least squares for a handful of columns: the best solution over
     every subset of columns whose unconstrained solution is all non-negative."""
@@ -132,42 +163,70 @@ def predict(r: dict, k: tuple[dict[str, float], float]) -> float:
 
 
 def report(rows: list[dict]) -> tuple[str, dict]:
+    fitted = [r for r in rows if r["tag"] in ("grid", "fresh")]
     grid = [r for r in rows if r["tag"] == "grid"]
-    held = [r for r in rows if r["tag"] != "grid"]
-    k = fit(grid)
+    held = [r for r in rows if r["tag"] not in ("grid", "fresh")]
+    k = fit(fitted)
     lines = ["# Speed model: fit and held-out error (H200)", "",
-             "Made by `python benchmarks/speed_fit.py --write` from "
-             + ", ".join(f"`{p.relative_to(ROOT)}`" for p in RAW)
+             "Made by `python benchmarks/speed_fit.py --write` from two kinds of measurement, "
+             "fitted together:", "",
+             "- the grid: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in RAW)
              + " (`benchmarks/speed_grid.py`: steady-state steps, median of 4 after 2 warm-up,"
-             " bf16 autocast, one configuration after another on one loaded model).", "",
+             " bf16 autocast, one configuration after another on one loaded model, one "
+             "micro-batch a step);",
+             "- the plans the search makes (`benchmarks/speed_check.py`, "
+             "[speed_check.md](speed_check.md)): the chosen plan of 12 models not in the grid and "
+             "the candidates of 3 ranking pairs, each configuration in its own fresh process, "
+             "its accumulation (at most 4 micro-batches) and an optimizer step a timed step.", "",
              "## Coefficients (seconds per feature unit; rate-bound terms: 1 / efficiency)", ""]
     for n in NAMES:
         lines.append(f"- `{n}`: {k[0][n]:.4g}")
     lines.append(f"- overlap (share of the shorter of GPU and host time that adds): {k[1]:.4g}")
-    # leave-one-model-out
-    errs, table = [], []
-    for r in grid:
-        kk = fit([x for x in grid if x["model"] != r["model"]])
-        p, p_all = predict(r, kk), predict(r, k)
-        e = p / r["measured"] - 1
-        errs.append(e)
-        c = r["cfg"]
-        table.append(f"| {r['model']}{'' if not r['layers'] else ' (' + str(r['layers']) + ' blocks)'}"
-                     f" | {c.seq_len}x{c.batch_size} | {'on' if c.grad_ckpt else 'off'} | {c.loss}"
-                     f" | {'yes' if c.packed_rows else 'no'} | {r['measured']:.0f} | {p_all:.0f}"
-                     f" | {p:.0f} | {e:+.0%} |")
-    abs_e = sorted(abs(e) for e in errs)
-    base_lomo = (statistics.median(abs_e), max(errs, key=abs), None)
-    lines += ["", f"## Grid: {len(grid)} configurations, {len({r['model'] for r in grid})} models",
-              "", f"Leave-one-model-out error of predicted tokens/s: median {statistics.median(abs_e):.0%},"
-              f" worst {max(errs, key=abs):+.0%}; within 25%: {sum(a <= .25 for a in abs_e)}/{len(errs)}.",
-              "", "| model | seq x batch | ckpt | loss | packed | measured tok/s | fitted (all) | "
-              "held-out model | held-out error |", "|---|---|---|---|---|---|---|---|---|", *table]
+    # leave-one-model-out: every row predicted by a fit without its model
+    _, _, errs = lomo(fitted)
+    table = []
+    for r in fitted:
+        c, e = r["cfg"], errs[id(r)]
+        blocks = '' if not r['layers'] else ' (' + str(r['layers']) + ' blocks)'
+        table.append(f"| {r['model']}{blocks} | {'grid' if r['tag'] == 'grid' else r['part']} | "
+                     f"{_plan(c)} | {r['measured']:.0f} | {predict(r, k):.0f} | "
+                     f"{r['measured'] * (1 + e):.0f} | {e:+.0%} |")
+
+    def stats(sel) -> tuple[float, float, int, int]:
+        e = [errs[id(r)] for r in fitted if sel(r)]
+        a = sorted(abs(x) for x in e)
+        return statistics.median(a), max(e, key=abs), sum(x <= .25 for x in a), len(e)
+
+    parts = {"all": lambda r: True, "search's plans, fresh processes": lambda r: r["tag"] == "fresh",
+             "grid, one process": lambda r: r["tag"] == "grid",
+             "grid, batch above 1 or 8k+ tokens": lambda r: r["tag"] == "grid" and (
+                 r["cfg"].batch_size > 1 or r["cfg"].seq_len >= 8192),
+             "grid, batch 1 under 8k tokens (host-bound)": lambda r: r["tag"] == "grid" and (
+                 r["cfg"].batch_size == 1 and r["cfg"].seq_len < 8192)}
+    s_all = stats(parts["all"])
+    base_lomo = (s_all[0], s_all[1], None)
+    models = len({r["model"] for r in fitted})
+    lines += ["", f"## Fitted: {len(fitted)} configurations, {models} models", "",
+              "Leave-one-model-out error of predicted tokens/s (each model predicted by a fit "
+              "without it):", "", "| rows | n | median abs | worst | within 25% |",
+              "|---|---|---|---|---|"]
     summary = {"coefficients": k[0], "overlap": k[1], "grid_points": len(grid),
-               "held_out_median_abs_error": statistics.median(abs_e),
-               "held_out_worst_error": max(errs, key=abs)}
+               "fresh_points": len(fitted) - len(grid), "models": models,
+               "held_out_median_abs_error": s_all[0], "held_out_worst_error": s_all[1],
+               "by_rows": {}}
+    for name, sel in parts.items():
+        med, worst, ok, n = stats(sel)
+        summary["by_rows"][name] = {"n": n, "median_abs": med, "worst": worst, "within_25": ok}
+        lines.append(f"| {name} | {n} | {med:.1%} | {worst:+.0%} | {ok}/{n} |")
+    lines += ["", "| model | rows | plan | measured tok/s | fitted (all) | held-out model | "
+              "held-out error |", "|---|---|---|---|---|---|---|", *table]
     if held:
-        lines += ["", "## Ranking check (held out of the fit)", "",
+        lines += ["", "## Earlier ranking check (one process; superseded by speed_check.md)", "",
+                  "Kept for the record: plans the search made with an RTX 4090's and 4070's "
+                  "datasheet rates, timed one after another in one process (the calibration "
+                  "README's trap), so the 'chosen for the card' column compares a plan chosen "
+                  "for another GPU's rates; [speed_check.md](speed_check.md) measures the plans "
+                  "chosen for the H200's rates under the card's memory, each in its own process. "
                   "The search's candidates that fit the card, each timed on the H200 with the "
                   "allocator capped to the card. Predictions are for the H200 (where they ran): "
                   "the check is whether the model orders plans the way the GPU does. Plans that differ "
@@ -219,7 +278,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
             summary["seeds_speedup"] = seeds[True] / seeds[False]
         summary.update(rank_spearman=rho, rank_pairs=per_pair)
     if REPEAT:
-        more, summary["repeatability"] = repeat_section(grid, k, base_lomo)
+        more, summary["repeatability"] = repeat_section(fitted, k, base_lomo)
         lines += more
     return "\n".join(lines) + "\n", summary
 
@@ -433,8 +492,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    rows = load()
-    text, summary = report(rows)
+    text, summary = report(all_rows())
     print(text)
     if args.write:
         out = ROOT / "benchmarks/results"

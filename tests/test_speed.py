@@ -62,7 +62,7 @@ def test_calibration_holds_the_committed_fit():
 
 def test_committed_fit_is_current():
     """Rerunning the fit on the committed measurements gives the committed coefficients."""
-    text, summary = speed_fit.report(speed_fit.load())
+    text, summary = speed_fit.report(speed_fit.all_rows())
     fit = json.loads((ROOT / "benchmarks/results/speed_fit.json").read_text())
     for name, v in fit["coefficients"].items():
         assert summary["coefficients"][name] == pytest.approx(v, rel=1e-6, abs=1e-12), name
@@ -87,3 +87,51 @@ def test_uncertainty_is_wider_off_the_measured_gpu():
     off = S.estimate_speed(m, CFG, api.get_gpu("rtx-4090"))
     assert off.uncertainty > on.uncertainty > 0
     assert "h200" in off.basis
+
+
+def test_speed_check_report_is_current():
+    """results/speed_check.md is what its script makes of the committed measurements, and
+    its ranking pairs have the search's chosen plan among the measured ones."""
+    import speed_check
+
+    text, summary = speed_check.report(json.loads(speed_check.ITEMS.read_text()),
+                                       speed_check.load())
+    assert (ROOT / "benchmarks/results/speed_check.md").read_text() == text
+    assert {r["pair"] for r in summary["rank"]} == {f"{m}@{c}" for m, c, _ in speed_check.PAIRS}
+
+
+def test_lean_norm_slices_follow_the_runner():
+    """The lean norms' slices: the runner's slice rows (lowmem.norm_slice_rows), per block
+    the hidden-size norms and, for Qwen3 / Gemma 3, the per-head q/k norms, in each forward
+    (twice with checkpointing) and backward; none without recompute_norms."""
+    from qplan.runner.lowmem import norm_slice_rows
+
+    m = api.get_model("qwen3-4b")
+    cfg = TrainConfig(seq_len=2048, batch_size=8, grad_ckpt=True, recompute_norms=True)
+    t = 2048 * 8
+    per_block = (2 * -(-t // norm_slice_rows(m.hidden_size))
+                 + -(-t * m.num_attention_heads // norm_slice_rows(m.head_size))
+                 + -(-t * m.num_key_value_heads // norm_slice_rows(m.head_size)))
+    assert S.lean_norm_slices(m, cfg) == per_block * 3 * m.num_hidden_layers
+    assert S.lean_norm_slices(m, cfg.with_(grad_ckpt=False)) == per_block * 2 * m.num_hidden_layers
+    assert S.lean_norm_slices(m, cfg.with_(recompute_norms=False)) == 0
+    llama = api.get_model("llama-3.1-8b")  # no q/k norms: 2 norms of 4 slices a block
+    assert S.lean_norm_slices(llama, cfg) == 2 * 4 * 3 * llama.num_hidden_layers
+    # the slices cost time (host side): a lean-norm plan is predicted slower
+    g = api.get_gpu("h200")
+    assert (S.estimate_speed(m, cfg, g).tokens_per_s
+            < S.estimate_speed(m, cfg.with_(recompute_norms=False), g).tokens_per_s)
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_tiled_mlp_chunks_are_linear_passes(ckpt):
+    """A tiled MLP runs its linear layers once per chunk in every pass and once more per
+    chunk in backward; a sequence no longer than the chunk is not tiled."""
+    m = api.get_model("llama-3.1-8b")
+    cfg = TrainConfig(seq_len=8192, batch_size=1, grad_ckpt=ckpt, mlp_chunk=2048)
+    passes = 3 if ckpt else 2
+    assert S.tiled_linear_passes(m, cfg) == (4 * (passes + 1) - passes) * 3 * 32
+    assert S.tiled_linear_passes(m, cfg.with_(mlp_chunk=0)) == 0
+    assert S.tiled_linear_passes(m, cfg.with_(seq_len=2048)) == 0
+    f = S.speed_features(m, cfg, api.get_gpu("h200"))
+    assert f["linear_passes"] == passes * 32 * 7 + S.tiled_linear_passes(m, cfg)

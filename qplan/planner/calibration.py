@@ -163,24 +163,24 @@ CPU_EMBED_GBS = 4.0  # looked-up embedding rows from the host (pageable copy)
 # Fitted coefficients of qplan.planner.speed.speed_features (seconds per unit; for rate-bound
 # terms 1 / the fraction of the datasheet rate reached). Written from results/speed_fit.json.
 SPEED_COEFFICIENTS = {
-    "matmul": 1.483,
-    "head": 1.919,
+    "matmul": 1.441,
+    "head": 2.514,
     "dequant": 0,
-    "attention": 3.981,
-    "activations": 8.318,
-    "linear_passes": 0.0003809,
-    "loss_chunks": 0.0012,
-    "norm_passes": 0.0006346,
+    "attention": 4.087,
+    "activations": 10.14,
+    "linear_passes": 0.0003711,
+    "loss_chunks": 0.001686,
+    "norm_passes": 0.0006359,
     "micro_batch": 0,
 }
 # How much of the shorter of a micro-batch's GPU and host times adds to the longer one
 # (qplan.planner.speed.overlapped; 1 = no overlap). Written from results/speed_fit.json.
-SPEED_OVERLAP = 0.4
+SPEED_OVERLAP = 0.2
 DROPOUT_TIME_FACTOR = 1.03
 # Where the speed coefficients were measured, and how far predictions may be off there
 # (held-out) and on other GPUs (datasheet-scaled, unmeasured: wider).
 SPEED_MEASURED_GPUS = ("h200",)
-SPEED_ERROR_MEASURED = 0.25  # leave-one-model-out median 12%, worst +54% (results/speed_fit.md)
+SPEED_ERROR_MEASURED = 0.25  # leave-one-model-out median 6.6%, worst +43% (results/speed_fit.md)
 SPEED_ERROR_SCALED = 0.40
 
 # ---- uncertainty band ------------------------------------------------------
