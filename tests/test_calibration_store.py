@@ -179,3 +179,30 @@ def test_runner_survives_an_unwritable_home(home, monkeypatch):
                    cuda_context_gib=0.55)
     _calibrate(run, _attempt(m))
     assert "could not write the calibration store" in run.notes[0]
+
+
+def test_a_simulated_run_teaches_the_real_gpus_speed(home):
+    """Under --simulate-gpu the card's record keeps the memory (its speed is not the card's);
+    a speed-only record of the GPU that trained carries the steady tokens/s against the
+    prediction for that GPU, and corrects later speed estimates there, not memory."""
+    from qplan.runner.run import _calibrate
+
+    run = _fake_run()
+    run.gpu = api.get_gpu("rtx-4060")
+    run.runs_on = api.get_gpu("h200")
+    m = P.Measured(device="NVIDIA H200", host_rss_peak_gib=3.0, nvml_peak_gib=7.0,
+                   cuda_context_gib=0.6)
+    att = _attempt(m)
+    att.result.simulate = object()  # simulated
+    _calibrate(run, att)
+    recs = S.Store().records()
+    assert [r["gpu"] for r in recs] == ["rtx-4060", "h200"]
+    assert recs[0]["simulated"] and recs[1]["speed_only"] and not recs[1]["simulated"]
+    real = api.estimate(run.profile, run.runs_on, CFG, use_calibration=False)
+    assert recs[1]["predicted_tokens_per_s"] == pytest.approx(real.speed.tokens_per_s, rel=1e-3)
+    c = S.Store().correction("h200", recs[1]["arch"], recs[1]["regime"])
+    assert c.memory_factor == 1.0
+    assert c.speed_factor == pytest.approx(
+        max(S.SPEED_FACTOR_RANGE[0], 1234.0 / recs[1]["predicted_tokens_per_s"]), rel=1e-3)
+    card = S.Store().correction("rtx-4060", recs[0]["arch"], recs[0]["regime"])
+    assert card.speed_factor == 1.0  # a simulated card's speed is not the card's

@@ -144,3 +144,16 @@ def attempt_record(*, gpu: str, model, memory, speed, measured: dict[str, Any],
             "predicted_tokens_per_s": round(speed.tokens_per_s, 1) if speed else None,
             "measured_tokens_per_s": steady_tokens_per_s, "simulated": simulated,
             "device": measured.get("device")}
+
+
+def speed_record(*, gpu: str, model, memory, speed, steady_tokens_per_s: float,
+                 device: str | None = None) -> dict[str, Any]:
+    """A speed-only record: the steady tokens/s an attempt measured on ``gpu``, the GPU that
+    trained, against the prediction for it, when the attempt's plan was for another card
+    (``--simulate-gpu``, or ``--gpu`` naming another card): no memory figures (the card's
+    record has them), so only the speed correction of ``gpu`` uses it."""
+    return {"gpu": gpu, "arch": architecture_key(model), "model": model.name,
+            "regime": memory.regime or memory.basis, "settings": memory.config.to_dict(),
+            "predicted_tokens_per_s": round(speed.tokens_per_s, 1),
+            "measured_tokens_per_s": steady_tokens_per_s, "simulated": False,
+            "speed_only": True, "device": device}

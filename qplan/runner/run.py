@@ -231,8 +231,19 @@ def _calibrate(r: Run, rec: rundir.AttemptRecord) -> None:
     if entry is None:
         return
     entry["status"] = res.status
+    extra = []
+    runs_on = getattr(r, "runs_on", None)
+    if runs_on is not None and entry.get("measured_tokens_per_s"):
+        # the steps ran on another GPU than the card planned for: they teach its speed
+        real = _estimate(r, rec.spec.settings, runs_on)
+        if real is not None and real.speed is not None:
+            extra.append(store.speed_record(
+                gpu=runs_on.name, model=r.profile, memory=real.memory, speed=real.speed,
+                steady_tokens_per_s=entry["measured_tokens_per_s"],
+                device=res.measured.device))
     try:
-        store.Store().add(entry)
+        for e in [entry, *extra]:
+            store.Store().add(e)
     except OSError as e:  # a read-only home must not fail the run
         r.notify(f"could not write the calibration store ({e}); continuing without it")
 
