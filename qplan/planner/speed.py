@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from qplan.planner import calibration as C
-from qplan.planner.config import TrainConfig
+from qplan.planner.config import TrainConfig, norm_slice_rows
 from qplan.profiles.gpus import GpuProfile
 from qplan.profiles.models import ModelProfile
 
@@ -346,7 +346,7 @@ def speed_features(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile) -> di
 
 def lean_norm_slices(model: ModelProfile, cfg: TrainConfig) -> int:
     """With ``recompute_norms``, the slices the lean RMSNorms run in one micro-batch: each
-    norm works through its rows a slice at a time (:func:`qplan.runner.lowmem.norm_slice_rows`:
+    norm works through its rows a slice at a time (:func:`qplan.planner.config.norm_slice_rows`:
     4,096 rows of a norm 4,096 wide or wider, more rows of a narrower one, up to the same
     elements), in every forward (twice with checkpointing) and in backward; each slice is a
     handful of small kernels, host-bound like the launches. The norms: a block's own
@@ -354,8 +354,6 @@ def lean_norm_slices(model: ModelProfile, cfg: TrainConfig) -> int:
     tokens x heads) or over the whole q and k widths (OLMo 2)."""
     if not cfg.recompute_norms:
         return 0
-    from qplan.runner.lowmem import norm_slice_rows  # plain Python: no torch at import
-
     t = _tokens(cfg)
 
     def slices(rows: int, width: int) -> int:

@@ -17,20 +17,20 @@ import contextlib
 import threading
 from typing import Any, Callable
 
+from qplan.planner import config as _config
+
 _CLASSES: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
-# Rows (tokens) per slice of the lean RMSNorm's float32 work; narrower norms (q/k norms over
-# one head, small models) take more rows a slice, up to NORM_ELEMENTS (what a 4,096-wide norm
-# slices): a per-head q norm of 16k tokens x 32 heads is 524k rows, 128 slices of 4,096 rows
-# (each a handful of kernels) made a Qwen3-4B step 1.85x slower on an H200; 4 slices do not.
-NORM_ROWS = 4096
-NORM_ELEMENTS = NORM_ROWS * 4096
+# Rows (tokens) per slice of the lean RMSNorm's float32 work, and the elements a slice of a
+# narrower norm may take (qplan.planner.config.norm_slice_rows, which the speed model counts)
+NORM_ROWS = _config.NORM_ROWS
+NORM_ELEMENTS = _config.NORM_ELEMENTS
 
 
 def norm_slice_rows(width: int) -> int:
     """Rows per slice of the lean RMSNorm over ``width`` features."""
-    return max(NORM_ROWS, NORM_ELEMENTS // max(1, width))
+    return _config.norm_slice_rows(width, NORM_ROWS, NORM_ELEMENTS)
 
 
 def _torch():
