@@ -217,7 +217,8 @@ NOTES = """Notes:
   8-bit optimizer). At 20k tokens (fsdp7) no plan keeps the weights on one card (it needs
   CPU offload there: 17.2 GiB, ~190 tok/s on a real 4090 by the datasheet scaling) and 2
   sharded fit at 20.8 GiB per GPU: measured 20.08 GiB (+3.4%, held out), 1,930 tok/s on the
-  capped H200s against 1,871 predicted now (-3.1%), 331 s for the whole run.
+  capped H200s against 1,871 predicted then (-3.1%; 1,799 with the speed coefficients refitted
+  for issue 13, -6.8%), 331 s for the whole run.
 - qwen3-14b on ONE simulated rtx-4060 (fsdp8, `benchmarks/fsdp_gpu.py` case `qwen3-14b 4060 x1
   offload 2k`): its 4-bit copy does not fit 8 GB, so `qplan suggest` planned FSDP with CPU
   offload on one GPU (a torch.distributed group of 1, `parallel: fsdp x1` in the result):
