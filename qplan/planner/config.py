@@ -23,7 +23,6 @@ STRATEGIES = ("ddp", "fsdp")
 FSDP_OPTIM = "adamw_torch"
 
 
-
 # The lean RMSNorm (qplan.runner.lowmem, ``recompute_norms``) works through its rows a slice at
 # a time: 4,096 rows of a norm 4,096 wide or wider; a narrower one (a per-head q/k norm, a
 # small model's) takes more rows, up to the elements of such a slice. A per-head q norm of 16k
@@ -36,6 +35,7 @@ NORM_ELEMENTS = NORM_ROWS * 4096
 def norm_slice_rows(width: int, rows: int = NORM_ROWS, elements: int = NORM_ELEMENTS) -> int:
     """Rows per slice of the lean RMSNorm over ``width`` features."""
     return max(rows, elements // max(1, width))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
