@@ -269,19 +269,18 @@ def report(spec: list[dict], by: dict[str, list[dict]]) -> tuple[str, dict]:
         model, card = pair.split("@")
         seq = TrainConfig.from_dict(its[0]["settings"]).seq_len
         now = chosen(model, card, seq)  # the search at this commit
-        for x in its:
-            x["chosen"] = TrainConfig.from_dict(x["settings"]) == now
-        if not any(x["chosen"] for x in its):
+        is_chosen = {x["name"]: TrainConfig.from_dict(x["settings"]) == now for x in its}
+        if not any(is_chosen.values()):
             lines.append(f"| {pair} | {_plan(now.to_dict())} | yes (not measured) | 0 | | "
                          f"{round(estimate_speed(profile_of(model, None), now.with_(grad_accum=min(now.grad_accum, MAX_ACCUM)), api.get_gpu('h200')).tokens_per_s):,} | |")
         for x in its:
             m, p = meas[x["name"]], predicted(x)
-            lines.append(f"| {pair} | {_plan(x['settings'])} | {'yes' if x['chosen'] else ''} | "
+            lines.append(f"| {pair} | {_plan(x['settings'])} | {'yes' if is_chosen[x['name']] else ''} | "
                          f"{len(by.get(x['name'], []))} | "
                          f"{round(m) if m else _status(by.get(x['name'], []))} | {round(p):,} | "
                          f"{'' if not m else f'{100 * (p / m - 1):+.0f}%'} |")
         got = [v for v in meas.values() if v]
-        ch = next((meas[x["name"]] for x in its if x["chosen"]), None)
+        ch = next((meas[x["name"]] for x in its if is_chosen[x["name"]]), None)
         if got and ch:
             rank_summary.append((pair, len(got), ch, max(got), ch / max(got)))
     lines += ["", "| pair | plans measured | chosen tok/s | fastest measured | chosen / fastest |",

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,7 +183,6 @@ def train(config: Path, data: Path, out: Path, steps: int, cpu: bool) -> dict:
     step_s = [b - a for a, b in zip([start] + ends, ends)]
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     steady = step_s[1:]  # without the first (warm-up) step
-    import statistics
     monitor.stop()
     mem = monitor.report()
     if dataclasses.is_dataclass(mem):

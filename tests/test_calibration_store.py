@@ -138,7 +138,7 @@ def _fake_run(use_calibration=True):
     notes = []
     return SimpleNamespace(req=SimpleNamespace(use_calibration=use_calibration), profile=m,
                            gpu=g, pm=None, notify=notes.append, notes=notes,
-                           state=SimpleNamespace(data={}))
+                           state=SimpleNamespace(data={}), runs_on=None)
 
 
 def _attempt(measured: P.Measured | None, status="ok"):

@@ -148,11 +148,9 @@ def _context(run_dir: Path, state: RunState, req: RunRequest, lock: RunLock, not
 def _runs_on(state: RunState, gpu: GpuProfile, pm) -> GpuProfile | None:
     """The detected GPU's profile when it is not ``gpu``, the card planned for (None on the
     CPU, or when they are the same)."""
-    from qplan.runner.planning import _detected
-
     if state.device != "cuda":
         return None
-    detected = _detected(False, pm)
+    detected = planning._detected(False, pm)
     if detected is None or detected.profile.name == gpu.name:
         return None
     return detected.profile
@@ -207,7 +205,7 @@ def predicted_speed(r: Run, cfg: TrainConfig) -> float | None:
     --simulate-gpu the real GPU's rates, not the simulated card's); None on the CPU."""
     if r.state.device != "cuda":
         return None
-    est = _estimate(r, cfg, r.runs_on) if r.runs_on is not None else _estimate(r, cfg)
+    est = _estimate(r, cfg, r.runs_on)
     return round(est.speed.tokens_per_s, 1) if est and est.speed else None
 
 
@@ -232,7 +230,7 @@ def _calibrate(r: Run, rec: rundir.AttemptRecord) -> None:
         return
     entry["status"] = res.status
     extra = []
-    runs_on = getattr(r, "runs_on", None)
+    runs_on = r.runs_on
     if runs_on is not None and entry.get("measured_tokens_per_s"):
         # the steps ran on another GPU than the card planned for: they teach its speed
         real = _estimate(r, rec.spec.settings, runs_on)
