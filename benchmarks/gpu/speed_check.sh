@@ -24,9 +24,14 @@ for p in glob.glob("benchmarks/results/raw/h200_speed_check*.jsonl"):
             done.add(r["item"])
 todo = [i for i in items if (i["name"] not in done or i["name"] in redo) and i["name"] not in skip]
 # half a: the models named in A (by model: a build serves all its items), the rest half b;
-# each half in the items' order, the redone ones first
+# each half in that order, the redone ones first
 A = set(os.environ.get("A", "llama-3.1-8b,qwen3-4b").split(","))
-todo.sort(key=lambda i: i["name"] not in redo)
+# a model's items together (its build serves them, then its disk is freed), in the order of
+# their first item
+first = {}
+for i in todo:
+    first.setdefault((i["model"], i["layers"]), len(first))
+todo.sort(key=lambda i: (i["name"] not in redo, first[(i["model"], i["layers"])]))
 a = [i for i in todo if i["model"] in A]
 b = [i for i in todo if i["model"] not in A]
 for name, part in (("a", a), ("b", b)):
