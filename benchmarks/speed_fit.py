@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import itertools
 import json
 import re
 import statistics
@@ -92,59 +91,89 @@ def load_fresh() -> list[dict]:
     return rows
 
 
+def _config_key(r: dict) -> tuple:
+    return r["model"], r["layers"] or None, r["cfg"].with_(grad_accum=1)
+
+
 def all_rows() -> list[dict]:
-    """What the fit reads: the grid (and the old ranking rows it reports) and the fresh rows."""
-    return load() + load_fresh()
+    """What the fit reads: the grid (and the old ranking rows it reports) and the fresh rows;
+    a grid configuration timed again in fresh processes (speed_check's ``grid`` part) counts
+    by those, its one-process row is left out."""
+    fresh = load_fresh()
+    again = {_config_key(r) for r in fresh if r["part"] == "grid"}
+    return [r for r in load() if r["tag"] != "grid" or _config_key(r) not in again] + fresh
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact non-negative least squares for a handful of columns: the best solution over
-    every subset of columns whose unconstrained solution is all non-negative."""
+    """Non-negative least squares, min |a x - b| over x >= 0 (Lawson and Hanson's active-set
+    method: the problem is convex, so this is its exact optimum; tests/test_speed.py checks it
+    against every subset of columns)."""
     n = a.shape[1]
-    best, best_err = np.zeros(n), float(np.sum(b * b))
-    for k in range(1, n + 1):
-        for cols in itertools.combinations(range(n), k):
-            sub = a[:, cols]
-            x, *_ = np.linalg.lstsq(sub, b, rcond=None)
-            if np.any(x < 0):
-                continue
-            err = float(np.sum((sub @ x - b) ** 2))
-            if err < best_err - 1e-15:
-                full = np.zeros(n)
-                full[list(cols)] = x
-                best, best_err = full, err
-    return best
+    x = np.zeros(n)
+    free = np.zeros(n, dtype=bool)  # the columns not held at zero
+    tol = 1e-12 * max(1.0, float(np.abs(a).max()) * float(np.abs(b).max()))
+    for _ in range(3 * n + 10):
+        w = a.T @ (b - a @ x)
+        if free.all() or w[~free].max() <= tol:
+            break
+        free[np.argmax(np.where(free, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[free], *_ = np.linalg.lstsq(a[:, free], b, rcond=None)
+            if (z[free] > 0).all():
+                x = z
+                break
+            neg = free & (z <= 0)
+            alpha = float(np.min(x[neg] / (x[neg] - z[neg])))
+            x = x + alpha * (z - x)
+            free &= x > tol
+            x[~free] = 0.0
+    return x
 
 
 HOST = ("linear_passes", "loss_chunks", "norm_passes", "micro_batch")
-OVERLAPS = tuple(i / 10 for i in range(11))
+# the phases of a micro-batch, each overlapped on its own (speed.estimate_speed): the blocks,
+# and the output layer with the loss
+LOSS_PHASE = ("head", "loss_chunks")
+# (GPU-bound, host-bound) shares of the shorter time that add (speed.overlapped)
+OVERLAPS = tuple((g / 10, h / 10) for g in range(11) for h in range(11))
 
 
-def _fit_at(rows: list[dict], overlap: float) -> tuple[dict[str, float], float]:
-    """Coefficients for one overlap, minimising the relative error of the predicted step
-    time: each point is host-bound or GPU-bound (the longer side counts whole, the shorter
-    side times ``overlap``: :func:`qplan.planner.speed.overlapped`); alternate between
-    assigning the points and solving, from all GPU-bound. Returns (coefficients, error)."""
+def _fit_at(rows: list[dict], overlap: tuple[float, float]) -> tuple[dict[str, float], float]:
+    """Coefficients for one overlap pair, minimising the relative error of the predicted step
+    time: each phase of each point (the blocks; the output layer and loss) is host-bound or
+    GPU-bound (the longer side counts whole, the shorter side times its share of ``overlap``:
+    :func:`qplan.planner.speed.overlapped`); alternate between assigning the phases and
+    solving, from all GPU-bound. Returns (coefficients, error)."""
+    og, oh = overlap
     used = [n for n in NAMES if any(r["feats"][n] for r in rows)]
     lb = np.array([LOWER.get(n, 0.0) for n in used])
     host = np.array([n in HOST for n in used])
+    loss = np.array([n in LOSS_PHASE for n in used])
     f = np.array([[r["feats"][n] for n in used] for r in rows])
     step = np.array([r["step_s"] for r in rows])
     tr, fixed, opt = (np.array([r[k] for r in rows]) for k in ("tr", "fixed", "opt"))
-    bound = np.zeros(len(rows), dtype=bool)  # True: host-bound
-    x = lb
+    # True: host-bound; the blocks' phase and the loss phase
+    bound_b = np.zeros(len(rows), dtype=bool)
+    bound_l = np.zeros(len(rows), dtype=bool)
+
+    def weights(bound):  # a feature's weight in its phase, per row
+        return np.where(bound[:, None], np.where(host, 1.0, oh), np.where(host, og, 1.0))
+
     for _ in range(50):
-        w = np.where(bound[:, None], np.where(host, 1.0, overlap), np.where(host, overlap, 1.0))
+        w = np.where(loss, weights(bound_l), weights(bound_b))
         a = f * w / step[:, None]
-        known = np.where(bound, fixed + overlap * tr, tr + overlap * fixed)
+        known = np.where(bound_b, fixed + oh * tr, tr + og * fixed)
         b = (step - opt - known) / step
         x = nnls(a, b - a @ lb) + lb  # x = lb + y, y >= 0
-        g, h = (f * ~host) @ x + tr, (f * host) @ x + fixed
-        new = h > g
-        if np.array_equal(new, bound):
+        gb, hb = (f * (~host & ~loss)) @ x + tr, (f * (host & ~loss)) @ x + fixed
+        gl, hl = (f * (~host & loss)) @ x, (f * (host & loss)) @ x
+        new_b, new_l = hb > gb, hl > gl
+        if np.array_equal(new_b, bound_b) and np.array_equal(new_l, bound_l):
             break
-        bound = new
-    pred = np.maximum(g, h) + overlap * np.minimum(g, h) + opt
+        bound_b, bound_l = new_b, new_l
+    pred = (np.where(hb > gb, hb + oh * gb, gb + og * hb)
+            + np.where(hl > gl, hl + oh * gl, gl + og * hl) + opt)
     k = {n: LOWER.get(n, 0.0) for n in NAMES}
     k.update({n: float(v) for n, v in zip(used, x)})
     return k, float(np.sum((pred / step - 1) ** 2))
@@ -173,15 +202,22 @@ def report(rows: list[dict]) -> tuple[str, dict]:
              "- the grid: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in RAW)
              + " (`benchmarks/speed_grid.py`: steady-state steps, median of 4 after 2 warm-up,"
              " bf16 autocast, one configuration after another on one loaded model, one "
-             "micro-batch a step);",
+             "micro-batch a step); the grid's configurations at batch 1 and those the fit "
+             "of stop 21 missed by 15% or more were timed again in fresh processes (speed_check's "
+             "`grid` part), and those rows replace their one-process ones;",
              "- the plans the search makes (`benchmarks/speed_check.py`, "
-             "[speed_check.md](speed_check.md)): the chosen plan of 12 models not in the grid and "
-             "the candidates of 3 ranking pairs, each configuration in its own fresh process, "
-             "its accumulation (at most 4 micro-batches) and an optimizer step a timed step.", "",
+             "[speed_check.md](speed_check.md)): the chosen plans of three held-out rounds (models, "
+             "cards and lengths not measured before) and the candidates of 3 ranking pairs, each "
+             "configuration in its own fresh process, its accumulation (at most 4 micro-batches) "
+             "and an optimizer step a timed step.", "",
+             "Each micro-batch is two phases, each with its GPU work and host work overlapped "
+             "(`qplan.planner.speed.overlapped`): the blocks, then the output layer and the loss.",
+             "",
              "## Coefficients (seconds per feature unit; rate-bound terms: 1 / efficiency)", ""]
     for n in NAMES:
         lines.append(f"- `{n}`: {k[0][n]:.4g}")
-    lines.append(f"- overlap (share of the shorter of GPU and host time that adds): {k[1]:.4g}")
+    lines.append(f"- overlap (share of the shorter of GPU and host time that adds): {k[1][0]:.4g} "
+                 f"when the GPU's is the longer, {k[1][1]:.4g} when the host's is")
     # leave-one-model-out: every row predicted by a fit without its model
     _, _, errs = lomo(fitted)
     table = []
@@ -197,7 +233,9 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         a = sorted(abs(x) for x in e)
         return statistics.median(a), max(e, key=abs), sum(x <= .25 for x in a), len(e)
 
-    parts = {"all": lambda r: True, "search's plans, fresh processes": lambda r: r["tag"] == "fresh",
+    parts = {"all": lambda r: True,
+             "search's plans, fresh processes": lambda r: r["tag"] == "fresh" and r["part"] != "grid",
+             "grid, fresh processes": lambda r: r["tag"] == "fresh" and r["part"] == "grid",
              "grid, one process": lambda r: r["tag"] == "grid",
              "grid, batch above 1 or 8k+ tokens": lambda r: r["tag"] == "grid" and (
                  r["cfg"].batch_size > 1 or r["cfg"].seq_len >= 8192),
@@ -215,6 +253,8 @@ def report(rows: list[dict]) -> tuple[str, dict]:
                "held_out_median_abs_error": s_all[0], "held_out_worst_error": s_all[1],
                "by_rows": {}}
     for name, sel in parts.items():
+        if not any(sel(r) for r in fitted):
+            continue
         med, worst, ok, n = stats(sel)
         summary["by_rows"][name] = {"n": n, "median_abs": med, "worst": worst, "within_25": ok}
         lines.append(f"| {name} | {n} | {med:.1%} | {worst:+.0%} | {ok}/{n} |")
@@ -465,14 +505,14 @@ def repeat_section(grid: list[dict], k, base_lomo) -> tuple[list[str], dict]:
                   "those rows: " + ", ".join(
                       f"{r['model']} {_plan(r['cfg'])} {errs[id(r)]:+.0%}" for r in changed)
                   + "; coefficients " + ", ".join(f"`{n}` {k1[0][n]:.4g}" for n in NAMES)
-                  + f", overlap {k1[1]:.4g}."]
+                  + f", overlap {k1[1][0]:.4g} / {k1[1][1]:.4g}."]
         summary["with_fresh_medians"] = {"held_out_median_abs_error": m1,
                                          "held_out_worst_error": w1,
                                          "coefficients": k1[0], "overlap": k1[1]}
     return lines, summary
 
 
-def write_coefficients(k: dict[str, float], overlap: float) -> None:
+def write_coefficients(k: dict[str, float], overlap: tuple[float, float]) -> None:
     """Put the fitted coefficients into qplan/planner/calibration.py (its
     SPEED_COEFFICIENTS block and SPEED_OVERLAP), 4 significant digits."""
     p = ROOT / "qplan/planner/calibration.py"
@@ -483,7 +523,7 @@ def write_coefficients(k: dict[str, float], overlap: float) -> None:
     s = s[:a] + body + s[b:]
     a = s.index("SPEED_OVERLAP = ")
     b = s.index("\n", a)
-    s = s[:a] + f"SPEED_OVERLAP = {overlap:.4g}" + s[b:]
+    s = s[:a] + f"SPEED_OVERLAP = ({overlap[0]:.4g}, {overlap[1]:.4g})" + s[b:]
     if s != p.read_text():  # the same fit: leave the file alone
         p.write_text(s)
 

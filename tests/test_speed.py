@@ -69,6 +69,34 @@ def test_committed_fit_is_current():
     assert (ROOT / "benchmarks/results/speed_fit.md").read_text() == text
 
 
+def _nnls_by_subsets(a, b):
+    """The exact optimum by brute force: the best all-non-negative unconstrained solution
+    over every subset of columns."""
+    import itertools
+
+    n = a.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(b * b))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            err = float(np.sum((a[:, cols] @ x - b) ** 2))
+            if not np.any(x < 0) and err < best_err:
+                best, best_err = np.zeros(n), err
+                best[list(cols)] = x
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nnls_reaches_the_optimum_of_every_subset(seed):
+    rng = np.random.default_rng(seed)
+    m, n = int(rng.integers(5, 60)), int(rng.integers(1, 9))
+    a = rng.normal(size=(m, n)) * rng.uniform(1e-4, 10, size=n)  # columns of unlike scales
+    b = rng.normal(size=m)
+    got, best = speed_fit.nnls(a, b), _nnls_by_subsets(a, b)
+    assert (got >= 0).all()
+    assert np.sum((a @ got - b) ** 2) <= np.sum((a @ best - b) ** 2) * (1 + 1e-9) + 1e-15
+
+
 def test_nnls_is_exact_on_a_small_problem():
     rng = np.random.default_rng(0)
     a = rng.uniform(0.1, 1.0, size=(30, 4))

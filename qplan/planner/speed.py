@@ -17,7 +17,8 @@ rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibrat
   peft and bitsandbytes, what dominates small models and batches;
 - :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
 - :func:`overlapped`: the host queues kernels while the GPU works, so host and GPU time
-  overlap (a fitted fraction of the shorter one adds to the longer);
+  overlap (a fitted fraction of the shorter one adds to the longer, one fraction when the GPU
+  sets the pace and another when the host does);
 - and per optimizer step, :func:`optimizer_s` and the runner's own step overhead, and with
   several GPUs (``gpus``, data-parallel) :func:`allreduce_s`, the LoRA gradients' all-reduce
   over the link between the cards; each GPU runs its share of the step's micro-batches.
@@ -376,20 +377,28 @@ def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
     return lean_norm_slices(model, cfg) * C.LEAN_NORM_SLICE_S
 
 
-def overlapped(gpu_s: float, host_s: float, overlap: float) -> float:
+def overlapped(gpu_s: float, host_s: float, overlap: tuple[float, float]) -> float:
     """One micro-batch's time from its GPU work and its host work (launches, Python): the
     host queues kernels while the GPU runs earlier ones, so the longer of the two sets the
-    pace and ``overlap`` (fitted: 0 = fully hidden, 1 = not at all) of the shorter adds to
-    it. A big batch on a slow card is GPU-bound; a small one on a fast card, host-bound."""
-    return max(gpu_s, host_s) + overlap * min(gpu_s, host_s)
+    pace and a share of the shorter adds to it (fitted: 0 = fully hidden, 1 = not at all):
+    ``overlap`` = (the host's share when the GPU is the longer, the GPU's share when the host
+    is). A big batch on a slow card is GPU-bound and hides the host well; a small one on a
+    fast card is host-bound, and the GPU work between the host's waits (the loss, the
+    optimizer's reads) hides less (results/speed_fit.md: one shared share left Llama-3.1-8B
+    at batch 1 23% fast held out, two shares 9%)."""
+    gpu_bound, host_bound = overlap
+    if gpu_s >= host_s:
+        return gpu_s + gpu_bound * host_s
+    return host_s + host_bound * gpu_s
 
 
 def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
                    coefficients: dict[str, float] | None = None,
-                   overlap: float | None = None) -> SpeedEstimate:
+                   overlap: tuple[float, float] | None = None) -> SpeedEstimate:
     """Predicted throughput of ``cfg`` on ``gpu`` (on all ``gpus`` together): the fitted
     coefficients times the micro-batch's features (GPU work and host work,
-    :func:`overlapped`), plus transfers, times each GPU's share of the accumulation, plus the
+    :func:`overlapped` for the blocks, and on its own for the output layer and loss), plus
+    transfers, times each GPU's share of the accumulation, plus the
     optimizer and the gradients' all-reduce. The terms are each part's share of the
     step (scaled by how much the overlap hides)."""
     k = C.SPEED_COEFFICIENTS if coefficients is None else coefficients
@@ -397,11 +406,16 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
     f = speed_features(model, cfg, gpu)
     part = {n: k.get(n, 0.0) * v for n, v in f.items()}
     tr = transfer_s(model, cfg, gpu)
-    launch = (part["linear_passes"] + part["loss_chunks"] + part["norm_passes"] + part["micro_batch"]
-              + _fixed_s(model, cfg))
-    device = (part["matmul"] + part["head"] + part["dequant"] + part["attention"]
-              + part["activations"] + tr)
-    micro = overlapped(device, launch, ov)
+    # two phases, each overlapped on its own: the blocks (GPU-bound at a big batch), then the
+    # output layer and the loss (the fused loss's many small chunks are host-bound: their
+    # host time does not hide behind the blocks' GPU work, which is over by then)
+    blocks_host = (part["linear_passes"] + part["norm_passes"] + part["micro_batch"]
+                   + _fixed_s(model, cfg))
+    blocks_gpu = part["matmul"] + part["dequant"] + part["attention"] + part["activations"] + tr
+    launch = blocks_host + part["loss_chunks"]
+    device = blocks_gpu + part["head"]
+    micro = (overlapped(blocks_gpu, blocks_host, ov)
+             + overlapped(part["head"], part["loss_chunks"], ov))
     share = micro / (device + launch) if device + launch else 1.0
     factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
     micro *= factor
