@@ -103,6 +103,14 @@ HELDOUT3 = [
     ("granite-3.3-8b", 8, "rtx-4080", 2048),
     ("smollm2-135m", None, "rtx-3060", 8192),
 ]
+# the fourth (stop 22, after the two-phase refit on everything above): small models, where
+# the errors were largest, at cards and lengths not measured
+HELDOUT4 = [
+    ("qwen2.5-1.5b", None, None, 4096),
+    ("llama-3.2-1b", None, "rtx-3060-8gb", 2048),
+    ("qwen3-1.7b", None, "rtx-4070", 4096),
+    ("smollm2-1.7b", None, "t4", 1024),
+]
 # the speed grid's configurations (speed_grid.py GRID, GRID2: timed there one after another
 # in one process, one micro-batch a step) timed again each in its own fresh process, two
 # micro-batches and an optimizer step a timed step: those at batch 1 (host-bound: the most
@@ -170,7 +178,8 @@ def items() -> list[dict]:
                         cap=card if layers is None else None, plan_for=card or "h200",
                         accum=min(cfg.grad_accum, MAX_ACCUM), tier=1))
     for rnd, model, layers, card, seq in ([(2, *h) for h in HELDOUT2]
-                                          + [(3, *h) for h in HELDOUT3]):
+                                          + [(3, *h) for h in HELDOUT3]
+                                          + [(4, *h) for h in HELDOUT4]):
         cfg = chosen(model, card, seq)
         it = dict(name=f"heldout:{model}@{card or 'h200'}:{seq}", part="heldout", round=rnd,
                   model=model, layers=layers, settings=_settings(cfg),
