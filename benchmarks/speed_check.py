@@ -14,7 +14,12 @@ Three parts, written as items for ``speed_grid.py --repeat FILE`` (``--items``):
   the rest that fit, each under the card's cap; where does the chosen plan rank?
 * ``heldout``: the chosen plan for models the speed model was not fitted on (0.5B-14B shapes;
   models above 4B with 8 blocks, uncapped: the model is per block), across cards and lengths;
-* ``seeds``: the seeds' recipe and the auto plan for Llama-3.1-8B at 2,048 tokens on the H200.
+* ``seeds``: the seeds' recipe and the auto plan for Llama-3.1-8B at 2,048 tokens on the H200;
+* ``grid``: the speed grid's batch-1 and worst-fitted configurations (``speed_grid.py``, timed
+  there one after another in one process) again, each in its own process.
+
+The held-out items keep their ``round`` and the tokens/s predicted when they were written
+(``pred_at_measure``): each round was predicted by the model of its day before it ran.
 
 Each timed step is ``accum`` micro-batches and an optimizer step (the plan's accumulation, at
 most 4), so the optimizer's fixed cost counts as the runner's does; 3 warm-up and 6 timed
