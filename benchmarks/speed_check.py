@@ -332,9 +332,11 @@ def report(spec: list[dict], by: dict[str, list[dict]]) -> tuple[str, dict]:
                   "round 2 (below: two models never measured and measured models at cards and "
                   "lengths not measured, predicted by the model of stop 21), round 3 (new triples "
                   "again, predicted by that model refitted on round 2 and the grid's fresh "
-                  "processes, one overlap), round 4 (small models, predicted by the model at this "
-                  "commit: two phases, two overlaps, fitted on rounds 1-3 and the grid; round 4 is "
-                  "not in the fit, `speed_fit.UNFITTED_ROUNDS`). On rounds 1-3 the errors of the "
+                  "processes, one overlap), round 4 (small models, predicted by the two-phase "
+                  "model fitted on rounds 1-3 and the grid with one overlap share when the GPU "
+                  "sets the pace and another when the host does; the model at this commit has the "
+                  "same data and phases, its overlap made continuous (the larger of two sums) after "
+                  "round 4 ran; round 4 is not in the fit, `speed_fit.UNFITTED_ROUNDS`). On rounds 1-3 the errors of the "
                   "model at this commit are in-sample; its held-out figure there is "
                   "leave-one-model-out, in [speed_fit.md](speed_fit.md).", ""]
         for rnd in sorted({it["round"] for it in spec if it.get("pred_at_measure")}):

@@ -141,16 +141,16 @@ HOST = ("linear_passes", "loss_chunks", "norm_passes", "micro_batch")
 # the phases of a micro-batch, each overlapped on its own (speed.estimate_speed): the blocks,
 # and the output layer with the loss
 LOSS_PHASE = ("head", "loss_chunks")
-# (GPU-bound, host-bound) shares of the shorter time that add (speed.overlapped)
+# (the host's share added to the GPU's time, the GPU's to the host's: speed.overlapped)
 OVERLAPS = tuple((g / 10, h / 10) for g in range(11) for h in range(11))
 
 
 def _fit_at(rows: list[dict], overlap: tuple[float, float]) -> tuple[dict[str, float], float]:
     """Coefficients for one overlap pair, minimising the relative error of the predicted step
     time: each phase of each point (the blocks; the output layer and loss) is host-bound or
-    GPU-bound (the longer side counts whole, the shorter side times its share of ``overlap``:
-    :func:`qplan.planner.speed.overlapped`); alternate between assigning the phases and
-    solving, from all GPU-bound. Returns (coefficients, error)."""
+    GPU-bound (the larger of the GPU's time plus a share of the host's and the host's plus a
+    share of the GPU's, ``overlap``: :func:`qplan.planner.speed.overlapped`); alternate
+    between assigning the phases and solving, from all GPU-bound. Returns (coefficients, error)."""
     og, oh = overlap
     used = [n for n in NAMES if any(r["feats"][n] for r in rows)]
     lb = np.array([LOWER.get(n, 0.0) for n in used])
@@ -174,12 +174,12 @@ def _fit_at(rows: list[dict], overlap: tuple[float, float]) -> tuple[dict[str, f
         x = nnls(a, b - a @ lb) + lb  # x = lb + y, y >= 0
         gb, hb = (f * (~host & ~loss)) @ x + tr, (f * (host & ~loss)) @ x + fixed
         gl, hl = (f * (~host & loss)) @ x, (f * (host & loss)) @ x
-        new_b, new_l = hb > gb, hl > gl
+        new_b, new_l = hb + oh * gb > gb + og * hb, hl + oh * gl > gl + og * hl
         if np.array_equal(new_b, bound_b) and np.array_equal(new_l, bound_l):
             break
         bound_b, bound_l = new_b, new_l
-    pred = (np.where(hb > gb, hb + oh * gb, gb + og * hb)
-            + np.where(hl > gl, hl + oh * gl, gl + og * hl) + opt)
+    pred = (np.maximum(hb + oh * gb, gb + og * hb) + np.maximum(hl + oh * gl, gl + og * hl)
+            + opt)
     k = {n: LOWER.get(n, 0.0) for n in NAMES}
     k.update({n: float(v) for n, v in zip(used, x)})
     return k, float(np.sum((pred / step - 1) ** 2))
@@ -222,8 +222,8 @@ def report(rows: list[dict]) -> tuple[str, dict]:
              "## Coefficients (seconds per feature unit; rate-bound terms: 1 / efficiency)", ""]
     for n in NAMES:
         lines.append(f"- `{n}`: {k[0][n]:.4g}")
-    lines.append(f"- overlap (share of the shorter of GPU and host time that adds): {k[1][0]:.4g} "
-                 f"when the GPU's is the longer, {k[1][1]:.4g} when the host's is")
+    lines.append(f"- overlap: the larger of the GPU's time + {k[1][0]:.4g} x the host's and the "
+                 f"host's time + {k[1][1]:.4g} x the GPU's")
     # leave-one-model-out: every row predicted by a fit without its model
     _, _, errs = lomo(fitted)
     table = []

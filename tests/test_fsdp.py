@@ -474,7 +474,7 @@ def test_fsdp_speed_holds_on_the_measured_runs_off_batch_1():
     the steady tokens/s of every run that trained more than one token-row at a time or a
     long sequence (1B 2k x 4, 4B 2k x 4, 32B 12k x 1, 32B 20k x 1) within 8% (within 5% with
     the single-GPU speed coefficients the FSDP block cost was fitted with; the two-phase refit
-    of issue 13 puts the four at +6.3%, +6.1%, -4.6% and -4.8%). The batch-1 1k run (the resume case) is
+    of issue 13 puts the four at +5.4%, +6.2%, -4.4% and -4.5%). The batch-1 1k run (the resume case) is
     excluded: at batch 1 on the H200 even one-GPU runs of that model measured 4,709 to 8,603
     tok/s in different sessions (issue 13); it is in the report."""
     import json

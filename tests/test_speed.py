@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qplan import api
 from qplan.planner import calibration as C
@@ -144,9 +146,18 @@ def test_speed_check_meets_the_bars_of_issue_13():
         assert pair["share"] >= 0.95, pair
 
 
-def test_overlap_hides_a_share_of_the_shorter_side_by_who_sets_the_pace():
+def test_overlap_adds_a_share_of_the_other_side():
     assert S.overlapped(1.0, 0.5, (0.2, 0.3)) == pytest.approx(1.1)  # GPU-bound
     assert S.overlapped(0.5, 1.0, (0.2, 0.3)) == pytest.approx(1.15)  # host-bound
+
+
+@given(st.floats(0, 10), st.floats(0, 10), st.floats(0, 5), st.floats(0, 1), st.floats(0, 1))
+def test_more_work_on_either_side_is_never_faster(g, h, more, a, b):
+    """Monotone in both sides for any shares (a step function at GPU = host made a
+    packed-rows plan, more attention work, predict faster than the plain one)."""
+    t = S.overlapped(g, h, (a, b))
+    assert S.overlapped(g + more, h, (a, b)) >= t - 1e-12
+    assert S.overlapped(g, h + more, (a, b)) >= t - 1e-12
 
 
 def test_the_loss_phase_does_not_hide_behind_the_blocks():

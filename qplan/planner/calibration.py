@@ -163,25 +163,25 @@ CPU_EMBED_GBS = 4.0  # looked-up embedding rows from the host (pageable copy)
 # Fitted coefficients of qplan.planner.speed.speed_features (seconds per unit; for rate-bound
 # terms 1 / the fraction of the datasheet rate reached). Written from results/speed_fit.json.
 SPEED_COEFFICIENTS = {
-    "matmul": 1.509,
-    "head": 2.216,
-    "dequant": 1.618,
-    "attention": 3.78,
-    "activations": 9.108,
-    "linear_passes": 0.0004286,
-    "loss_chunks": 0.001243,
-    "norm_passes": 0.0004559,
+    "matmul": 1.546,
+    "head": 2.584,
+    "dequant": 1.492,
+    "attention": 3.717,
+    "activations": 8.57,
+    "linear_passes": 0.0004409,
+    "loss_chunks": 0.00135,
+    "norm_passes": 0.0004925,
     "micro_batch": 0,
 }
-# How much of the shorter of a micro-batch's GPU and host times adds to the longer one
-# (qplan.planner.speed.overlapped; 1 = no overlap): (GPU-bound: share of the host's time,
-# host-bound: share of the GPU's time). Written from results/speed_fit.json.
-SPEED_OVERLAP = (0.2, 0.3)
+# How much of one side of a micro-batch phase's GPU and host times adds to the other
+# (qplan.planner.speed.overlapped; 1 = no overlap): (the host's share added to the GPU's time,
+# the GPU's share added to the host's). Written from results/speed_fit.json.
+SPEED_OVERLAP = (0.2, 0.2)
 DROPOUT_TIME_FACTOR = 1.03
 # Where the speed coefficients were measured, and how far predictions may be off there
 # (held-out) and on other GPUs (datasheet-scaled, unmeasured: wider).
 SPEED_MEASURED_GPUS = ("h200",)
-# leave-one-model-out median 6.3%, worst +48% (a batch-1 grid row), 102 of 106 within 25%
+# leave-one-model-out median 6.9%, worst +47% (a batch-1 grid row), 102 of 106 within 25%
 # (results/speed_fit.md); the search's plans predicted before they ran: worst +25%
 # (results/speed_check.md)
 SPEED_ERROR_MEASURED = 0.25

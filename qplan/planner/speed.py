@@ -379,17 +379,16 @@ def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
 
 def overlapped(gpu_s: float, host_s: float, overlap: tuple[float, float]) -> float:
     """One micro-batch's time from its GPU work and its host work (launches, Python): the
-    host queues kernels while the GPU runs earlier ones, so the longer of the two sets the
-    pace and a share of the shorter adds to it (fitted: 0 = fully hidden, 1 = not at all):
-    ``overlap`` = (the host's share when the GPU is the longer, the GPU's share when the host
-    is). A big batch on a slow card is GPU-bound and hides the host well; a small one on a
+    host queues kernels while the GPU runs earlier ones, so the time is at least the GPU's
+    time plus a share of the host's, and at least the host's plus a share of the GPU's
+    (fitted: 0 = fully hidden, 1 = not at all): ``overlap`` = (the host's share, the GPU's
+    share). A big batch on a slow card is GPU-bound and hides the host well; a small one on a
     fast card is host-bound, and the GPU work between the host's waits (the loss, the
     optimizer's reads) hides less (results/speed_fit.md: one shared share left Llama-3.1-8B
-    at batch 1 23% fast held out, two shares 9%)."""
+    at batch 1 23% fast held out). The larger of two sums: more work on either side never
+    makes it faster."""
     gpu_bound, host_bound = overlap
-    if gpu_s >= host_s:
-        return gpu_s + gpu_bound * host_s
-    return host_s + host_bound * gpu_s
+    return max(gpu_s + gpu_bound * host_s, host_s + host_bound * gpu_s)
 
 
 def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
