@@ -137,10 +137,7 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-HOST = ("linear_passes", "loss_chunks", "norm_passes", "micro_batch")
-# the phases of a micro-batch, each overlapped on its own (speed.estimate_speed): the blocks,
-# and the output layer with the loss
-LOSS_PHASE = ("head", "loss_chunks")
+HOST, LOSS_PHASE = S.HOST_TERMS, S.LOSS_PHASE  # host work; the output layer and loss phase
 # (the host's share added to the GPU's time, the GPU's to the host's: speed.overlapped)
 OVERLAPS = tuple((g / 10, h / 10) for g in range(11) for h in range(11))
 
@@ -242,11 +239,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
     parts = {"all": lambda r: True,
              "search's plans, fresh processes": lambda r: r["tag"] == "fresh" and r["part"] != "grid",
              "grid, fresh processes": lambda r: r["tag"] == "fresh" and r["part"] == "grid",
-             "grid, one process": lambda r: r["tag"] == "grid",
-             "grid, batch above 1 or 8k+ tokens": lambda r: r["tag"] == "grid" and (
-                 r["cfg"].batch_size > 1 or r["cfg"].seq_len >= 8192),
-             "grid, batch 1 under 8k tokens (host-bound)": lambda r: r["tag"] == "grid" and (
-                 r["cfg"].batch_size == 1 and r["cfg"].seq_len < 8192)}
+             "grid, one process (batch above 1)": lambda r: r["tag"] == "grid"}
     s_all = stats(parts["all"])
     base_lomo = (s_all[0], s_all[1], None)
     models = len({r["model"] for r in fitted})

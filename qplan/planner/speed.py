@@ -17,8 +17,8 @@ rate of the GPU times an efficiency measured on the GPU machine (:mod:`.calibrat
   peft and bitsandbytes, what dominates small models and batches;
 - :func:`transfer_s`: offloaded block inputs and CPU embeddings crossing PCIe;
 - :func:`overlapped`: the host queues kernels while the GPU works, so host and GPU time
-  overlap (a fitted fraction of the shorter one adds to the longer, one fraction when the GPU
-  sets the pace and another when the host does);
+  overlap (a fitted share of each side adds to the other), in each of a micro-batch's two
+  phases (:data:`LOSS_PHASE`: the blocks, then the output layer and loss);
 - and per optimizer step, :func:`optimizer_s` and the runner's own step overhead, and with
   several GPUs (``gpus``, data-parallel) :func:`allreduce_s`, the LoRA gradients' all-reduce
   over the link between the cards; each GPU runs its share of the step's micro-batches.
@@ -378,17 +378,20 @@ def _fixed_s(model: ModelProfile, cfg: TrainConfig) -> float:
 
 
 def overlapped(gpu_s: float, host_s: float, overlap: tuple[float, float]) -> float:
-    """One micro-batch's time from its GPU work and its host work (launches, Python): the
-    host queues kernels while the GPU runs earlier ones, so the time is at least the GPU's
-    time plus a share of the host's, and at least the host's plus a share of the GPU's
-    (fitted: 0 = fully hidden, 1 = not at all): ``overlap`` = (the host's share, the GPU's
-    share). A big batch on a slow card is GPU-bound and hides the host well; a small one on a
-    fast card is host-bound, and the GPU work between the host's waits (the loss, the
-    optimizer's reads) hides less (results/speed_fit.md: one shared share left Llama-3.1-8B
-    at batch 1 23% fast held out). The larger of two sums: more work on either side never
-    makes it faster."""
+    """One phase's time from its GPU work and its host work (launches, Python): the host
+    queues kernels while the GPU runs earlier ones, so the time is the larger of the GPU's
+    time plus a share of the host's and the host's plus a share of the GPU's (fitted: 0 =
+    fully hidden, 1 = not at all; ``overlap`` = (the host's share, the GPU's share)). A big
+    batch on a slow card is GPU-bound; a small one on a fast card, host-bound. Being the
+    larger of two sums, more work on either side never makes it faster."""
     gpu_bound, host_bound = overlap
     return max(gpu_s + gpu_bound * host_s, host_s + host_bound * gpu_s)
+
+
+# The features of host work (the rest are GPU work), and those of the output layer and loss:
+# a phase of its own, after the blocks (estimate_speed; benchmarks/speed_fit.py fits by both)
+HOST_TERMS = ("linear_passes", "loss_chunks", "norm_passes", "micro_batch")
+LOSS_PHASE = ("head", "loss_chunks")
 
 
 def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
@@ -408,13 +411,15 @@ def estimate_speed(model: ModelProfile, cfg: TrainConfig, gpu: GpuProfile,
     # two phases, each overlapped on its own: the blocks (GPU-bound at a big batch), then the
     # output layer and the loss (the fused loss's many small chunks are host-bound: their
     # host time does not hide behind the blocks' GPU work, which is over by then)
-    blocks_host = (part["linear_passes"] + part["norm_passes"] + part["micro_batch"]
-                   + _fixed_s(model, cfg))
-    blocks_gpu = part["matmul"] + part["dequant"] + part["attention"] + part["activations"] + tr
-    launch = blocks_host + part["loss_chunks"]
-    device = blocks_gpu + part["head"]
-    micro = (overlapped(blocks_gpu, blocks_host, ov)
-             + overlapped(part["head"], part["loss_chunks"], ov))
+    def side(host: bool, loss: bool) -> float:
+        return sum(v for n, v in part.items()
+                   if (n in HOST_TERMS) == host and (n in LOSS_PHASE) == loss)
+
+    blocks_host = side(True, False) + _fixed_s(model, cfg)
+    blocks_gpu = side(False, False) + tr
+    loss_host, loss_gpu = side(True, True), side(False, True)
+    launch, device = blocks_host + loss_host, blocks_gpu + loss_gpu
+    micro = overlapped(blocks_gpu, blocks_host, ov) + overlapped(loss_gpu, loss_host, ov)
     share = micro / (device + launch) if device + launch else 1.0
     factor = C.DROPOUT_TIME_FACTOR if cfg.lora_dropout > 0 else 1.0
     micro *= factor
